@@ -1,0 +1,370 @@
+//! Command-line flags and environment variables → [`Config`].
+
+use std::fmt;
+use std::net::IpAddr;
+use std::str::FromStr;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// Default MTU of the tun device.
+///
+/// 1500 because (a) it is the MTU of the Ethernet links a routing host forwards from, so
+/// nothing entering the tunnel needs fragmenting or a smaller path MTU, and (b) a 1500-byte
+/// packet keeps a log row well under PostgreSQL's ~2 kB TOAST threshold, so every payload is
+/// stored inline in its heap tuple (no TOAST table lookup or compression on send or recv).
+/// There is no outer encapsulation, so no header overhead has to be subtracted.
+/// Both ends should use the same value. This is the one place to change it.
+pub const DEFAULT_MTU: u32 = 1500;
+
+/// Default tun device name.
+pub const DEFAULT_TUN: &str = "pgvpn0";
+
+const MTU_HELP: &str = "MTU of the tun device. Default 1500: what an Ethernet LAN forwards \
+without fragmenting, and it keeps every packet row under PostgreSQL's ~2 kB TOAST threshold \
+(payload stored inline). No outer header is added, so nothing is subtracted. Use the same value \
+on every host. IPv6 needs at least 1280";
+
+/// Moves IP packets between a Linux tun device and a pgvpn database.
+///
+/// Every packet read from the tun device is handed to `pgvpn.send()`; every packet the
+/// database holds for this peer (`pgvpn.recv()`) is written to the tun device. The peer is
+/// the database role the shim logs in as. All routing, filtering and logging is done by the
+/// database.
+///
+/// Logs go to stderr (level from RUST_LOG, default info); "ready: ..." is logged once packets
+/// flow both ways. On SIGINT/SIGTERM the shim flushes, stores its cursor and prints a
+/// one-line counter summary on stdout; a second signal exits at once (status 1). While the
+/// database is unreachable the device stays up, packets from it are dropped and counted,
+/// and the shim reconnects with backoff (100 ms doubling to 5 s).
+///
+/// Exit codes: 0 clean shutdown (SIGINT/SIGTERM), 1 other fatal error, 2 bad flags or
+/// connection string, 3 authentication failed / role is not a pgvpn peer / no privilege,
+/// 4 tun device could not be created or configured.
+#[derive(Debug, Parser)]
+#[command(name = "pgvpn-shim", version, about, long_about)]
+pub struct Cli {
+    /// Connection string: libpq key=value ("host=/var/run/postgresql user=alice dbname=vpn")
+    /// or URL ("postgresql://alice@%2Fvar%2Frun%2Fpostgresql/vpn"). Host defaults to the
+    /// unix socket directory /var/run/postgresql, user to the OS user.
+    #[arg(
+        long,
+        env = "PGVPN_DB",
+        value_name = "CONNINFO",
+        hide_env_values = true
+    )]
+    pub db: String,
+
+    /// Address to put on the tun device, as CIDR (198.18.0.1/15, fd00::1/64). Repeat the
+    /// flag for several; the environment variable takes a comma-separated list. Without a
+    /// prefix length the address is a host address (/32, /128).
+    #[arg(long, env = "PGVPN_ADDRESS", value_name = "CIDR", required = true,
+          value_delimiter = ',', value_parser = Cidr::from_str)]
+    pub address: Vec<Cidr>,
+
+    /// Name of the tun device to create.
+    #[arg(long, env = "PGVPN_TUN", value_name = "NAME", default_value = DEFAULT_TUN,
+          value_parser = parse_ifname)]
+    pub tun: String,
+
+    #[arg(long, env = "PGVPN_MTU", value_name = "N", default_value_t = DEFAULT_MTU,
+          value_parser = clap::value_parser!(u32).range(68..=65535), help = MTU_HELP)]
+    pub mtu: u32,
+
+    /// Most packets handed to one pgvpn.send() call. A lone packet is sent at once; under
+    /// load, whatever queued up while the previous call ran goes in the next one.
+    #[arg(long, env = "PGVPN_BATCH_MAX", value_name = "N", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..=65535))]
+    pub batch_max: u32,
+
+    /// Store the delivery cursor (pgvpn.ack) this often while packets arrive, and at most
+    /// this long after the last one. Never per packet.
+    #[arg(long, env = "PGVPN_ACK_INTERVAL_MS", value_name = "MS", default_value_t = 200,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub ack_interval_ms: u64,
+
+    /// Also store it as soon as this many packets were written since the last ack
+    /// (whichever of the two comes first).
+    #[arg(long, env = "PGVPN_ACK_EVERY", value_name = "N", default_value_t = 4096,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub ack_every: u64,
+}
+
+/// An address with prefix length, as given to `ip addr add`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub prefix: u8,
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr
+            .parse()
+            .map_err(|_| format!("`{s}` is not an IP address with optional /prefix"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => match p.parse::<u8>() {
+                Ok(p) if p <= max => p,
+                _ => return Err(format!("`{s}`: prefix length must be 0..={max}")),
+            },
+        };
+        Ok(Cidr { addr, prefix })
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+fn parse_ifname(s: &str) -> Result<String, String> {
+    // IFNAMSIZ is 16 including the NUL; the kernel also refuses '/', ':' and whitespace.
+    if s.is_empty() || s.len() > 15 {
+        return Err("interface name must be 1..=15 bytes".into());
+    }
+    if s == "." || s == ".." || s.chars().any(|c| c == '/' || c == ':' || c.is_whitespace()) {
+        return Err(format!("`{s}` is not a valid interface name"));
+    }
+    Ok(s.to_string())
+}
+
+/// Everything the shim needs, validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub pg: postgres::Config,
+    pub addresses: Vec<Cidr>,
+    pub tun: String,
+    pub mtu: u32,
+    pub batch_max: usize,
+    pub ack_interval: Duration,
+    pub ack_every: u64,
+}
+
+/// A configuration error that clap's own validation does not catch (exit code 2).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid --db connection string: {0}")]
+    ConnInfo(String),
+    #[error("--mtu {0} is below 1280, the minimum for IPv6 address {1}")]
+    MtuTooSmallForIpv6(u32, Cidr),
+}
+
+impl Config {
+    pub fn from_cli(cli: Cli) -> Result<Config, ConfigError> {
+        let pg = parse_conninfo(&cli.db)?;
+        if cli.mtu < 1280 {
+            if let Some(v6) = cli.address.iter().find(|c| c.addr.is_ipv6()) {
+                return Err(ConfigError::MtuTooSmallForIpv6(cli.mtu, *v6));
+            }
+        }
+        Ok(Config {
+            pg,
+            addresses: cli.address,
+            tun: cli.tun,
+            mtu: cli.mtu,
+            batch_max: cli.batch_max as usize,
+            ack_interval: Duration::from_millis(cli.ack_interval_ms),
+            ack_every: cli.ack_every,
+        })
+    }
+}
+
+/// Parses a libpq-style key=value string or a postgres:// URL, filling in libpq's defaults
+/// where the postgres crate has none (host: the Debian unix socket directory).
+pub fn parse_conninfo(s: &str) -> Result<postgres::Config, ConfigError> {
+    let mut pg = postgres::Config::from_str(s)
+        .map_err(|e| ConfigError::ConnInfo(crate::session::with_causes(&e)))?;
+    if pg.get_hosts().is_empty() && pg.get_hostaddrs().is_empty() {
+        pg.host("/var/run/postgresql");
+    }
+    if pg.get_connect_timeout().is_none() {
+        // A TCP host that silently drops packets must not stall a reconnect (or shutdown)
+        // for minutes.
+        pg.connect_timeout(Duration::from_secs(10));
+    }
+    Ok(pg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use postgres::config::Host;
+
+    /// clap reads the process environment on every parse and `environment_variables` sets
+    /// PGVPN_*: every test here holds this lock so none sees another's variables.
+    static ENV_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    fn lock() -> std::sync::MutexGuard<'static, ()> {
+        ENV_LOCK.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        let mut v = vec!["pgvpn-shim"];
+        v.extend_from_slice(args);
+        Cli::try_parse_from(v)
+    }
+
+    #[test]
+    fn defaults() {
+        let _env = lock();
+        let cli = parse(&["--db", "host=/tmp user=alice", "--address", "198.18.0.1/15"]).unwrap();
+        assert_eq!(cli.tun, "pgvpn0");
+        assert_eq!(cli.mtu, DEFAULT_MTU);
+        assert_eq!(cli.batch_max, 256);
+        assert_eq!(cli.ack_interval_ms, 200);
+        assert_eq!(cli.ack_every, 4096);
+        let cfg = Config::from_cli(cli).unwrap();
+        assert_eq!(cfg.addresses, vec!["198.18.0.1/15".parse().unwrap()]);
+        assert_eq!(cfg.pg.get_user(), Some("alice"));
+        assert_eq!(cfg.pg.get_hosts(), &[Host::Unix("/tmp".into())]);
+        assert_eq!(cfg.ack_interval, Duration::from_millis(200));
+    }
+
+    #[test]
+    fn repeated_and_comma_separated_addresses() {
+        let _env = lock();
+        let cli = parse(&[
+            "--db",
+            "user=a",
+            "--address",
+            "198.18.0.1/15",
+            "--address",
+            "fd00::1/64,198.19.0.1",
+            "--tun",
+            "vpn1",
+            "--mtu",
+            "1400",
+            "--batch-max",
+            "10",
+            "--ack-interval-ms",
+            "50",
+            "--ack-every",
+            "7",
+        ])
+        .unwrap();
+        let cfg = Config::from_cli(cli).unwrap();
+        let got: Vec<String> = cfg.addresses.iter().map(|c| c.to_string()).collect();
+        assert_eq!(got, ["198.18.0.1/15", "fd00::1/64", "198.19.0.1/32"]);
+        assert_eq!(
+            (cfg.tun.as_str(), cfg.mtu, cfg.batch_max, cfg.ack_every),
+            ("vpn1", 1400, 10, 7)
+        );
+        // no host given: the default unix socket directory
+        assert_eq!(
+            cfg.pg.get_hosts(),
+            &[Host::Unix("/var/run/postgresql".into())]
+        );
+    }
+
+    #[test]
+    fn url_with_socket_dir() {
+        let pg = parse_conninfo("postgresql://alice@%2Fvar%2Frun%2Fpostgresql:5433/vpn").unwrap();
+        assert_eq!(pg.get_hosts(), &[Host::Unix("/var/run/postgresql".into())]);
+        assert_eq!(pg.get_ports(), &[5433]);
+        assert_eq!(pg.get_dbname(), Some("vpn"));
+        assert_eq!(pg.get_user(), Some("alice"));
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        let _env = lock();
+        assert!(parse(&["--db", "user=a"]).is_err(), "address is required");
+        assert!(
+            parse(&["--address", "198.18.0.1/15"]).is_err(),
+            "db is required"
+        );
+        for bad in [
+            "198.18.0.1/33",
+            "fd00::1/129",
+            "nonsense",
+            "198.18.0.1/x",
+            "",
+        ] {
+            assert!(
+                parse(&["--db", "user=a", "--address", bad]).is_err(),
+                "{bad}"
+            );
+        }
+        let base = ["--db", "user=a", "--address", "198.18.0.1/15"];
+        for extra in [
+            &["--mtu", "10"][..],
+            &["--mtu", "70000"],
+            &["--batch-max", "0"],
+            &["--ack-every", "0"],
+            &["--tun", "a/b"],
+            &["--tun", "waytoolonginterfacename"],
+        ] {
+            let mut v = base.to_vec();
+            v.extend_from_slice(extra);
+            assert!(parse(&v).is_err(), "{extra:?}");
+        }
+        let e = parse(&["--address", "1.2.3.4"]).unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+    }
+
+    #[test]
+    fn bad_conninfo_and_mtu_for_v6() {
+        let _env = lock();
+        let cli = parse(&["--db", "host=/tmp port=notaport", "--address", "198.18.0.1"]).unwrap();
+        assert!(matches!(
+            Config::from_cli(cli),
+            Err(ConfigError::ConnInfo(_))
+        ));
+        let cli = parse(&["--db", "user='unterminated", "--address", "198.18.0.1"]).unwrap();
+        assert!(matches!(
+            Config::from_cli(cli),
+            Err(ConfigError::ConnInfo(_))
+        ));
+        let cli = parse(&["--db", "user=a", "--address", "fd00::1/64", "--mtu", "1000"]).unwrap();
+        assert!(matches!(
+            Config::from_cli(cli),
+            Err(ConfigError::MtuTooSmallForIpv6(1000, _))
+        ));
+        let cli = parse(&["--db", "user=a", "--address", "198.18.0.1", "--mtu", "1000"]).unwrap();
+        assert!(Config::from_cli(cli).is_ok());
+    }
+
+    #[test]
+    fn environment_variables() {
+        let _env = lock();
+        // Tests that read the environment hold ENV_LOCK (set_var is safe in edition 2021,
+        // but still racy with concurrent readers).
+        let vars = [
+            ("PGVPN_DB", "host=/run/pg port=5544 user=bob dbname=vpn"),
+            ("PGVPN_ADDRESS", "198.18.0.2/15,fd00::2/64"),
+            ("PGVPN_TUN", "envtun"),
+            ("PGVPN_MTU", "1400"),
+            ("PGVPN_BATCH_MAX", "32"),
+            ("PGVPN_ACK_INTERVAL_MS", "1000"),
+            ("PGVPN_ACK_EVERY", "99"),
+        ];
+        for (k, v) in vars {
+            std::env::set_var(k, v);
+        }
+        let cfg = Config::from_cli(parse(&[]).unwrap()).unwrap();
+        assert_eq!(cfg.pg.get_user(), Some("bob"));
+        assert_eq!(cfg.pg.get_ports(), &[5544]);
+        assert_eq!(cfg.addresses.len(), 2);
+        assert_eq!(cfg.tun, "envtun");
+        assert_eq!(cfg.mtu, 1400);
+        assert_eq!(cfg.batch_max, 32);
+        assert_eq!(cfg.ack_interval, Duration::from_secs(1));
+        assert_eq!(cfg.ack_every, 99);
+        // flags win over the environment
+        let cfg = Config::from_cli(parse(&["--mtu", "1500", "--tun", "x"]).unwrap()).unwrap();
+        assert_eq!((cfg.mtu, cfg.tun.as_str()), (1500, "x"));
+        for (k, _) in vars {
+            std::env::remove_var(k);
+        }
+    }
+}

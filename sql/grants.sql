@@ -1,0 +1,18 @@
+-- Privileges, applied last. Functions are executable by PUBLIC by default in Postgres;
+-- in pgvpn nothing is, except what is granted below.
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA pgvpn FROM PUBLIC;
+REVOKE ALL ON ALL TABLES IN SCHEMA pgvpn FROM PUBLIC;
+REVOKE ALL ON SCHEMA pgvpn FROM PUBLIC;
+
+-- Peers: the data path only. These are SECURITY DEFINER and find the peer from the
+-- session role, so a peer reaches its own packets and nothing else.
+GRANT USAGE ON SCHEMA pgvpn TO pgvpn_peer;
+GRANT EXECUTE ON FUNCTION
+    send(bytea[]), send(bytea), recv(bigint, int, int), ack(bigint), cursor(), channel(), decode(bytea)
+    TO pgvpn_peer;
+
+-- Auditors: read everything, change nothing. (Partitions created later by prune()
+-- need no grant: privileges are checked on pgvpn.packets.)
+GRANT USAGE ON SCHEMA pgvpn TO pgvpn_auditor;
+GRANT SELECT ON ALL TABLES IN SCHEMA pgvpn TO pgvpn_auditor;
+GRANT EXECUTE ON FUNCTION decode(bytea) TO pgvpn_auditor;

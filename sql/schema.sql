@@ -1,0 +1,116 @@
+-- pgvpn schema: peers, the packet log (in chunks), delivery cursors, counters, rejects.
+-- Loaded first (bootstrap). The Rust functions and the other sql/ files build on it.
+
+-- Group roles. Roles are cluster-wide, so they may already exist from another database.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'pgvpn_peer') THEN
+        CREATE ROLE pgvpn_peer NOLOGIN;
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'pgvpn_auditor') THEN
+        CREATE ROLE pgvpn_auditor NOLOGIN;
+    END IF;
+END
+$$;
+COMMENT ON ROLE pgvpn_peer IS 'pgvpn: members may call send/recv/ack; add_peer grants it';
+COMMENT ON ROLE pgvpn_auditor IS 'pgvpn: read-only access to the packet log and its views';
+
+CREATE TABLE peers (
+    id          int GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    name        text NOT NULL CHECK (name ~ '^[a-z][a-z0-9_]{0,39}$'),
+    role        regrole,                    -- NULL once the peer is removed
+    allowed_ips cidr[] NOT NULL DEFAULT '{}',
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    removed_at  timestamptz,
+    CHECK ((removed_at IS NULL) = (role IS NOT NULL))
+);
+-- Removed peers stay so that old log rows keep their names; only live names/roles are unique.
+CREATE UNIQUE INDEX peers_live_name ON peers (name) WHERE removed_at IS NULL;
+CREATE UNIQUE INDEX peers_live_role ON peers (role) WHERE removed_at IS NULL;
+COMMENT ON TABLE peers IS 'pgvpn: hosts on the VPN; each logs in as its own role';
+
+-- Delivery state lives here, one row per peer, never in the packet rows.
+CREATE TABLE cursors (
+    peer     int PRIMARY KEY REFERENCES peers (id),
+    acked_id bigint NOT NULL DEFAULT 0,
+    acked_at timestamptz
+);
+
+-- Traffic counters, one row per peer and direction ('t' sent, 'r' received).
+-- A send updates the receiver's 'r' row *before* it takes packet ids: that row lock
+-- orders all senders to one receiver, so ids reach each receiver in commit order
+-- (see pgvpn_ext/src/send.rs). Two rows per peer, not one, so that two peers
+-- sending to each other never wait on each other's row.
+CREATE TABLE traffic (
+    peer      int NOT NULL REFERENCES peers (id),
+    direction "char" NOT NULL CHECK (direction IN ('t', 'r')),
+    packets   bigint NOT NULL DEFAULT 0,
+    bytes     bigint NOT NULL DEFAULT 0,
+    last_at   timestamptz,
+    PRIMARY KEY (peer, direction)
+) WITH (fillfactor = 50);  -- room for HOT updates
+
+-- CACHE 1 (the default) is essential: a per-backend cache would hand out ids
+-- out of order across sessions and break gap-free delivery.
+CREATE SEQUENCE packet_id CACHE 1;
+
+-- The audit log. Append-only; chunked by id range so that pgvpn.prune() drops
+-- whole chunks. Chunk k holds ids [k * 2^40, (k+1) * 2^40).
+CREATE TABLE packets (
+    id         bigint NOT NULL,
+    sent_at    timestamptz NOT NULL,
+    src_peer   int NOT NULL,
+    dst_peer   int NOT NULL,
+    ip_version smallint NOT NULL,
+    src_addr   inet NOT NULL,
+    dst_addr   inet NOT NULL,
+    protocol   smallint NOT NULL,
+    src_port   int,
+    dst_port   int,
+    icmp_type  smallint,
+    tcp_flags  smallint,
+    length     int NOT NULL,
+    payload    bytea NOT NULL
+) PARTITION BY RANGE (id);
+-- Packets are mostly incompressible: never try.
+ALTER TABLE packets ALTER COLUMN payload SET STORAGE EXTERNAL;
+COMMENT ON TABLE packets IS 'pgvpn: every packet that crossed the VPN, one row each';
+
+-- Delivery: recv() walks (dst_peer, id).
+CREATE INDEX packets_delivery ON packets (dst_peer, id);
+-- Audits: time ranges (BRIN is nearly free on an append-only log) and host pairs.
+CREATE INDEX packets_time ON packets USING brin (sent_at, id);
+CREATE INDEX packets_hosts ON packets (src_addr, dst_addr);
+
+CREATE TABLE chunks (
+    chunk      int PRIMARY KEY,
+    relid      regclass NOT NULL,
+    opened_at  timestamptz,           -- when ids started going here; NULL for the spare
+    closed_at  timestamptz            -- set when the next chunk takes over
+);
+COMMENT ON TABLE chunks IS 'pgvpn: the partitions of pgvpn.packets, for pgvpn.prune()';
+
+-- Rejected packets: counted per peer and reason, and a capped sample kept for auditors.
+CREATE TABLE reject_counts (
+    peer    int NOT NULL REFERENCES peers (id),
+    reason  text NOT NULL,
+    packets bigint NOT NULL DEFAULT 0,
+    last_at timestamptz,
+    PRIMARY KEY (peer, reason)
+);
+
+CREATE TABLE reject_samples (
+    at      timestamptz NOT NULL,
+    peer    int NOT NULL,
+    reason  text NOT NULL CHECK (reason IN ('malformed', 'no_route', 'spoofed', 'loop')),
+    detail  text NOT NULL,
+    length  int NOT NULL,
+    head    bytea NOT NULL           -- the first bytes of the packet, enough for its headers
+);
+CREATE INDEX reject_samples_at ON reject_samples USING brin (at);
+COMMENT ON TABLE reject_samples IS 'pgvpn: a sample of rejected packets (a few per send), pruned with the log';
+
+-- Admin tables belong in backups.
+SELECT pg_catalog.pg_extension_config_dump('peers', '');
+SELECT pg_catalog.pg_extension_config_dump('cursors', '');
+SELECT pg_catalog.pg_extension_config_dump('traffic', '');

@@ -1,0 +1,322 @@
+//! A private, throwaway PostgreSQL 15 cluster.
+//!
+//! * `initdb` and `pg_ctl` run as the `postgres` OS user (`runuser -u postgres --`) in a
+//!   fresh directory under the temp dir that is owned by `postgres`.
+//! * No TCP at all: `listen_addresses = ''`; the server is reached only through its unix
+//!   socket in that directory (sockets cross network namespaces). The port number only
+//!   names the socket file (`.s.PGSQL.<port>`).
+//! * `fsync` / `synchronous_commit` are left at their (durable) defaults.
+//! * Local connections use `trust`: the directory is private to this test and only root
+//!   and `postgres` can reach the socket, so any role can be used by the test without
+//!   passwords (LOGIN roles behave like peers authenticated by the OS).
+//! * Drop stops the server (`pg_ctl stop -m immediate`) and removes the directory; if the
+//!   thread is panicking, the tail of the server log is printed first.
+
+use crate::util::{self, next_id, output, run_ok, tail, wait_for};
+use postgres::{Client, NoTls};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+/// Prefix of every cluster directory we create: `<tmp>/pgvpn-pg-<pid>-<n>`.
+pub const DIR_PREFIX: &str = "pgvpn-pg-";
+
+/// Where the PostgreSQL 15 server binaries live (override with `PGVPN_PG_BINDIR`).
+pub fn pg_bindir() -> PathBuf {
+    std::env::var_os("PGVPN_PG_BINDIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/lib/postgresql/15/bin"))
+}
+
+/// Is the `pgvpn` extension installed into the server's share directory?
+pub fn extension_control_file() -> PathBuf {
+    let share = Command::new(pg_bindir().join("pg_config"))
+        .arg("--sharedir")
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "/usr/share/postgresql/15".to_string());
+    Path::new(&share).join("extension/pgvpn.control")
+}
+
+pub fn extension_available() -> bool {
+    extension_control_file().exists()
+}
+
+/// Options for [`Cluster::start_with`].
+#[derive(Clone, Debug, Default)]
+pub struct ClusterOptions {
+    /// Extra `postgresql.conf` lines (e.g. `"log_min_messages = debug1"`).
+    pub extra_conf: Vec<String>,
+}
+
+pub struct Cluster {
+    dir: PathBuf,
+    port: u16,
+    stopped: bool,
+}
+
+fn as_postgres(dir: &Path, program: &Path) -> Command {
+    let mut c = Command::new("runuser");
+    c.args(["-u", "postgres", "--"]).arg(program).current_dir(dir);
+    c
+}
+
+/// Remove clusters left behind by test processes that no longer exist.
+fn cleanup_stale() {
+    let tmp = std::env::temp_dir();
+    let Ok(entries) = fs::read_dir(&tmp) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(DIR_PREFIX) else { continue };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
+        if pid == std::process::id() || util::pid_alive(pid) {
+            continue;
+        }
+        let dir = e.path();
+        let data = dir.join("data");
+        if data.join("postmaster.pid").exists() {
+            let _ = output(
+                as_postgres(&dir, &pg_bindir().join("pg_ctl"))
+                    .arg("stop")
+                    .args(["-m", "immediate", "-w", "-D"])
+                    .arg(&data),
+            );
+        }
+        let _ = fs::remove_dir_all(&dir);
+        eprintln!("[cluster] removed stale cluster dir {}", dir.display());
+    }
+}
+
+impl Cluster {
+    /// initdb + start, without any extension.
+    pub fn start() -> Cluster {
+        Cluster::start_with(ClusterOptions::default())
+    }
+
+    pub fn start_with(opts: ClusterOptions) -> Cluster {
+        static STALE: std::sync::Once = std::sync::Once::new();
+        STALE.call_once(cleanup_stale);
+
+        let n = next_id();
+        let dir = std::env::temp_dir().join(format!("{DIR_PREFIX}{}-{n}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("create cluster dir");
+        run_ok(Command::new("chown").arg("postgres:postgres").arg(&dir));
+        run_ok(Command::new("chmod").arg("0700").arg(&dir));
+        // Port only names the socket file; the directory is unique anyway.
+        let port = 20000 + ((std::process::id() as u64 * 7 + n) % 40000) as u16;
+        let mut cluster = Cluster { dir, port, stopped: true };
+
+        let data = cluster.data_dir();
+        run_ok(
+            as_postgres(&cluster.dir, &pg_bindir().join("initdb"))
+                .arg("-D")
+                .arg(&data)
+                .args(["-U", "postgres", "--auth-local=trust", "--auth-host=reject", "-E", "UTF8"])
+                .args(["--locale=C", "--no-sync"]),
+        );
+        let mut conf = format!(
+            "\n# pgvpn test harness\nlisten_addresses = ''\nunix_socket_directories = '{}'\nport = {}\n\
+             max_connections = 60\nshared_buffers = 64MB\nlogging_collector = off\n\
+             log_line_prefix = '%m [%p] %q%u@%d '\n",
+            cluster.dir.display(),
+            port
+        );
+        for line in &opts.extra_conf {
+            conf.push_str(line);
+            conf.push('\n');
+        }
+        let conf_path = data.join("postgresql.conf");
+        let mut existing = fs::read_to_string(&conf_path).expect("read postgresql.conf");
+        existing.push_str(&conf);
+        fs::write(&conf_path, existing).expect("write postgresql.conf");
+
+        let out = output(
+            as_postgres(&cluster.dir, &pg_bindir().join("pg_ctl"))
+                .arg("start")
+                .args(["-w", "-t", "60", "-D"])
+                .arg(&data)
+                .arg("-l")
+                .arg(cluster.log_file()),
+        );
+        if !out.status.success() {
+            panic!(
+                "pg_ctl start failed: {}\n{}\n--- server log ---\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr),
+                tail(&cluster.log_file(), 40)
+            );
+        }
+        cluster.stopped = false;
+        cluster
+    }
+
+    /// initdb + start + `CREATE DATABASE db` + `CREATE EXTENSION pgvpn` in it.
+    /// Panics with a clear message if the extension is not installed.
+    pub fn with_pgvpn(db: &str) -> Cluster {
+        if !extension_available() {
+            panic!(
+                "the pgvpn extension is not installed ({} is missing): build and install pgvpn_ext first",
+                extension_control_file().display()
+            );
+        }
+        let c = Cluster::start();
+        c.create_db(db);
+        c.create_extension(db);
+        c
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+    /// The unix socket directory (= the cluster directory).
+    pub fn socket_dir(&self) -> &Path {
+        &self.dir
+    }
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+    pub fn log_file(&self) -> PathBuf {
+        self.dir.join("server.log")
+    }
+    pub fn log_tail(&self, n: usize) -> String {
+        tail(&self.log_file(), n)
+    }
+
+    /// `host=<dir> port=<p> user=<role> dbname=<db>`
+    pub fn conninfo(&self, role: &str, db: &str) -> String {
+        format!("host={} port={} user={} dbname={}", self.dir.display(), self.port, role, db)
+    }
+
+    /// Connect as `role` to `db` (panics with the server log tail on failure).
+    pub fn connect(&self, role: &str, db: &str) -> Client {
+        self.try_connect(role, db).unwrap_or_else(|e| {
+            panic!("connect as {role} to {db} failed: {e}\n--- server log ---\n{}", self.log_tail(30))
+        })
+    }
+
+    pub fn try_connect(&self, role: &str, db: &str) -> Result<Client, postgres::Error> {
+        Client::connect(&self.conninfo(role, db), NoTls)
+    }
+
+    /// Superuser `postgres` on database `db`.
+    pub fn superuser(&self, db: &str) -> Client {
+        self.connect("postgres", db)
+    }
+
+    pub fn create_db(&self, db: &str) {
+        let mut c = self.superuser("postgres");
+        c.batch_execute(&format!("CREATE DATABASE {}", quote_ident(db)))
+            .unwrap_or_else(|e| panic!("CREATE DATABASE {db}: {e}"));
+    }
+
+    pub fn create_extension(&self, db: &str) {
+        let mut c = self.superuser(db);
+        if let Err(e) = c.batch_execute("CREATE EXTENSION pgvpn") {
+            panic!(
+                "CREATE EXTENSION pgvpn failed: {}\n--- server log ---\n{}",
+                db_error(&e),
+                self.log_tail(30)
+            );
+        }
+    }
+
+    /// `CREATE ROLE name LOGIN` (plus optional extra options such as `NOINHERIT`).
+    pub fn create_login_role(&self, name: &str) {
+        let mut c = self.superuser("postgres");
+        c.batch_execute(&format!("CREATE ROLE {} LOGIN", quote_ident(name)))
+            .unwrap_or_else(|e| panic!("CREATE ROLE {name}: {e}"));
+    }
+
+    /// Crash-restart: `pg_ctl stop -m immediate` (no checkpoint, like a power cut for the
+    /// server process) and start again; WAL recovery replays what was committed.
+    pub fn restart_immediate(&mut self) {
+        self.stop();
+        let out = output(
+            as_postgres(&self.dir, &pg_bindir().join("pg_ctl"))
+                .arg("start")
+                .args(["-w", "-t", "60", "-D"])
+                .arg(self.data_dir())
+                .arg("-l")
+                .arg(self.log_file()),
+        );
+        assert!(
+            out.status.success(),
+            "pg_ctl start (after immediate stop) failed: {}\n--- server log ---\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log_tail(40)
+        );
+        self.stopped = false;
+    }
+
+    /// Stop the server now (immediate mode). Idempotent.
+    pub fn stop(&mut self) {
+        if self.stopped {
+            return;
+        }
+        self.stopped = true;
+        let _ = output(
+            as_postgres(&self.dir, &pg_bindir().join("pg_ctl"))
+                .arg("stop")
+                .args(["-m", "immediate", "-w", "-t", "30", "-D"])
+                .arg(self.data_dir()),
+        );
+        // Make sure the postmaster is really gone before removing its directory.
+        let _ = wait_for(Duration::from_secs(10), Duration::from_millis(50), || {
+            (!self.data_dir().join("postmaster.pid").exists()).then_some(())
+        });
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "--- tail of PostgreSQL server log {} ---\n{}\n--- end of server log ---",
+                self.log_file().display(),
+                self.log_tail(60)
+            );
+        }
+        self.stop();
+        if std::env::var_os("PGVPN_KEEP_CLUSTER").is_none() {
+            let _ = fs::remove_dir_all(&self.dir);
+        } else {
+            eprintln!("[cluster] keeping {} (PGVPN_KEEP_CLUSTER)", self.dir.display());
+        }
+    }
+}
+
+/// Double-quote an identifier.
+pub fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// Single-quote a literal.
+pub fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// A readable rendering of a postgres error, with SQLSTATE and server message.
+pub fn db_error(e: &postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(d) => format!(
+            "{} [{}]{}{}",
+            d.message(),
+            d.code().code(),
+            d.detail().map(|x| format!(" DETAIL: {x}")).unwrap_or_default(),
+            d.hint().map(|x| format!(" HINT: {x}")).unwrap_or_default()
+        ),
+        None => e.to_string(),
+    }
+}
+
+/// The SQLSTATE of an error, if it came from the server.
+pub fn sqlstate(e: &postgres::Error) -> Option<String> {
+    e.code().map(|c| c.code().to_string())
+}
