@@ -52,5 +52,11 @@ demo: install
 	$(CARGO) build --release -p pgvpn-shim -p pgvpn-tests
 	./target/release/demo
 
+# Throughput, latency and cost: tunnel vs a veth pair vs the database alone (about 6 min;
+# BENCH_ARGS=--quick for a 1-minute look). Writes target/bench/latest.json.
+bench: install
+	$(CARGO) build --release -p pgvpn-shim -p pgvpn-tests
+	./target/release/bench $(BENCH_ARGS)
+
 clean:
 	$(CARGO) clean

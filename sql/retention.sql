@@ -8,6 +8,8 @@
 -- setval() is not transactional, so the sequence only ever moves into a chunk that an
 -- earlier, committed prune created: one spare chunk is always kept ready ahead. Even if
 -- a prune is rolled back, ids never point at a chunk that does not exist.
+--
+-- Closed chunks also get their (src_addr, dst_addr) index here, built in one go.
 
 CREATE FUNCTION _chunk_of(id bigint) RETURNS int
 LANGUAGE sql IMMUTABLE AS $$ SELECT (id >> 40)::int $$;
@@ -63,6 +65,19 @@ BEGIN
         dropped := dropped + 1;
     END LOOP;
     DELETE FROM reject_samples WHERE at < clock_timestamp() - retention;
+
+    -- Closed chunks get their host-pair index once, in bulk (a sort, instead of a
+    -- btree insert per packet while the chunk was hot). Only chunks closed by an
+    -- earlier prune: no send can still be writing to them.
+    FOR old IN SELECT * FROM chunks
+                WHERE closed_at IS NOT NULL AND indexed_at IS NULL
+                  AND xmin IS DISTINCT FROM xid(pg_current_xact_id_if_assigned())
+                ORDER BY chunk LOOP
+        EXECUTE format('CREATE INDEX IF NOT EXISTS %I ON %s (src_addr, dst_addr)',
+                       (SELECT relname FROM pg_class WHERE oid = old.relid) || '_hosts',
+                       old.relid);
+        UPDATE chunks SET indexed_at = clock_timestamp() WHERE chunk = old.chunk;
+    END LOOP;
 
     SELECT opened_at INTO opened FROM chunks WHERE chunk = cur;
     IF opened < clock_timestamp() - chunk_interval THEN

@@ -78,15 +78,18 @@ COMMENT ON TABLE packets IS 'pgvpn: every packet that crossed the VPN, one row e
 
 -- Delivery: recv() walks (dst_peer, id).
 CREATE INDEX packets_delivery ON packets (dst_peer, id);
--- Audits: time ranges (BRIN is nearly free on an append-only log) and host pairs.
+-- Audits by time: BRIN is nearly free on an append-only log.
 CREATE INDEX packets_time ON packets USING brin (sent_at, id);
-CREATE INDEX packets_hosts ON packets (src_addr, dst_addr);
+-- Audits by host pair use a btree on (src_addr, dst_addr), but only on closed chunks:
+-- pgvpn.prune() builds it once per chunk (see retention.sql). Kept per row on the open
+-- chunk, it nearly halved send()'s throughput for small packets.
 
 CREATE TABLE chunks (
     chunk      int PRIMARY KEY,
     relid      regclass NOT NULL,
     opened_at  timestamptz,           -- when ids started going here; NULL for the spare
-    closed_at  timestamptz            -- set when the next chunk takes over
+    closed_at  timestamptz,           -- set when the next chunk takes over
+    indexed_at timestamptz            -- when prune() built its host-pair index
 );
 COMMENT ON TABLE chunks IS 'pgvpn: the partitions of pgvpn.packets, for pgvpn.prune()';
 

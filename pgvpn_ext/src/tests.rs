@@ -135,13 +135,22 @@ mod tests {
         as_role("bob");
         let t = std::time::Instant::now();
         assert_eq!(one::<i64>("SELECT count(*) FROM pgvpn.recv(0, 10, 300)"), 0);
-        assert!(t.elapsed() >= std::time::Duration::from_millis(300), "waited the full time");
+        assert!(
+            t.elapsed() >= std::time::Duration::from_millis(300),
+            "waited the full time"
+        );
         as_role("alice");
         send(&[udp4(ALICE, BOB, b"x")]);
         as_role("bob");
         let t = std::time::Instant::now();
-        assert_eq!(one::<i64>("SELECT count(*) FROM pgvpn.recv(0, 10, 5000)"), 1);
-        assert!(t.elapsed() < std::time::Duration::from_secs(1), "no wait when packets are there");
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM pgvpn.recv(0, 10, 5000)"),
+            1
+        );
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(1),
+            "no wait when packets are there"
+        );
     }
 
     #[pg_test(error = "wait_ms must be between 0 and 60000, got -1")]

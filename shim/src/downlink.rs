@@ -18,7 +18,10 @@ const STOP_CHECK: Duration = Duration::from_millis(100);
 pub struct Progress {
     pub last_written: i64,
     pub last_acked: i64,
-    pub last_ack_at: Instant,
+    /// When the oldest packet not yet acked was written. The ack clock starts there, not
+    /// at the last ack: after an idle spell, the first packet's ack then waits its turn
+    /// instead of costing a durable commit right on the latency path.
+    pub first_unacked_at: Option<Instant>,
     /// Packets written since the last ack.
     pub unacked: u64,
 }
@@ -28,23 +31,31 @@ impl Progress {
         Progress {
             last_written: cursor,
             last_acked: cursor,
-            last_ack_at: Instant::now(),
+            first_unacked_at: None,
             unacked: 0,
         }
     }
 
+    /// Records a packet written to the tun device.
+    pub fn written(&mut self, id: i64, now: Instant) {
+        self.last_written = id;
+        self.unacked += 1;
+        self.first_unacked_at.get_or_insert(now);
+    }
+
     /// True when the cursor should be stored now: something is unacked and either
-    /// `ack_every` packets have been written or `ack_interval` has passed since the last ack.
+    /// `ack_every` packets have been written or the oldest of them is `ack_interval` old.
     pub fn ack_due(&self, now: Instant, cfg: &Config) -> bool {
         self.last_written > self.last_acked
             && (self.unacked >= cfg.ack_every
-                || now.saturating_duration_since(self.last_ack_at) >= cfg.ack_interval)
+                || self.until_ack(now, cfg).is_some_and(|d| d.is_zero()))
     }
 
     /// How long a wait may last without delaying a pending ack.
     pub fn until_ack(&self, now: Instant, cfg: &Config) -> Option<Duration> {
-        (self.last_written > self.last_acked)
-            .then(|| (self.last_ack_at + cfg.ack_interval).saturating_duration_since(now))
+        self.first_unacked_at
+            .filter(|_| self.last_written > self.last_acked)
+            .map(|t| (t + cfg.ack_interval).saturating_duration_since(now))
     }
 }
 
@@ -147,8 +158,7 @@ fn serve(
                     }
                 }
             }
-            p.last_written = id;
-            p.unacked += 1;
+            p.written(id, Instant::now());
         }
         if p.ack_due(Instant::now(), cfg) {
             ack(dl, p, shared)?;
@@ -166,7 +176,7 @@ fn serve(
 fn ack(dl: &mut Downlink, p: &mut Progress, shared: &Shared) -> Result<(), postgres::Error> {
     let stored = dl.ack(p.last_written)?;
     p.last_acked = stored.max(p.last_written);
-    p.last_ack_at = Instant::now();
+    p.first_unacked_at = None;
     p.unacked = 0;
     shared.stats.last_acked_id.store(stored, Relaxed);
     Ok(())
@@ -192,38 +202,41 @@ mod tests {
     fn ack_policy() {
         let c = cfg(200, 4096);
         let t0 = Instant::now();
+        let ms = Duration::from_millis;
         let mut p = Progress::new(10);
-        p.last_ack_at = t0;
         assert!(
             !p.ack_due(t0 + Duration::from_secs(9), &c),
             "nothing written"
         );
         assert_eq!(p.until_ack(t0, &c), None);
 
-        p.last_written = 11;
-        p.unacked = 1;
-        assert!(!p.ack_due(t0 + Duration::from_millis(199), &c));
+        // After an idle spell the first packet is not acked at once: its clock starts now.
+        p.written(11, t0);
+        assert!(!p.ack_due(t0, &c));
+        assert!(!p.ack_due(t0 + ms(199), &c));
+        p.written(12, t0 + ms(100));
         assert!(
-            p.ack_due(t0 + Duration::from_millis(200), &c),
-            "interval passed"
+            p.ack_due(t0 + ms(200), &c),
+            "the oldest unacked packet is 200 ms old"
         );
-        assert_eq!(
-            p.until_ack(t0 + Duration::from_millis(50), &c),
-            Some(Duration::from_millis(150))
-        );
+        assert_eq!(p.until_ack(t0 + ms(50), &c), Some(ms(150)));
         assert_eq!(
             p.until_ack(t0 + Duration::from_secs(1), &c),
             Some(Duration::ZERO)
         );
 
-        p.last_written = 10 + 4096;
-        p.unacked = 4096;
-        assert!(p.ack_due(t0, &c), "ack_every packets written");
-        // whichever comes first
-        let c = cfg(200, 3);
-        p.unacked = 3;
-        assert!(p.ack_due(t0, &c));
-        p.unacked = 2;
-        assert!(!p.ack_due(t0, &c));
+        // ack_every packets: at once.
+        let mut q = Progress::new(0);
+        for id in 1..=4096 {
+            q.written(id, t0);
+        }
+        assert!(q.ack_due(t0, &c), "ack_every packets written");
+        let c3 = cfg(200, 3);
+        let mut r = Progress::new(0);
+        r.written(1, t0);
+        r.written(2, t0);
+        assert!(!r.ack_due(t0, &c3));
+        r.written(3, t0);
+        assert!(r.ack_due(t0, &c3));
     }
 }

@@ -60,18 +60,26 @@ pub struct Cluster {
 
 fn as_postgres(dir: &Path, program: &Path) -> Command {
     let mut c = Command::new("runuser");
-    c.args(["-u", "postgres", "--"]).arg(program).current_dir(dir);
+    c.args(["-u", "postgres", "--"])
+        .arg(program)
+        .current_dir(dir);
     c
 }
 
 /// Remove clusters left behind by test processes that no longer exist.
 fn cleanup_stale() {
     let tmp = std::env::temp_dir();
-    let Ok(entries) = fs::read_dir(&tmp) else { return };
+    let Ok(entries) = fs::read_dir(&tmp) else {
+        return;
+    };
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        let Some(rest) = name.strip_prefix(DIR_PREFIX) else { continue };
-        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
+        let Some(rest) = name.strip_prefix(DIR_PREFIX) else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
         if pid == std::process::id() || util::pid_alive(pid) {
             continue;
         }
@@ -108,14 +116,25 @@ impl Cluster {
         run_ok(Command::new("chmod").arg("0700").arg(&dir));
         // Port only names the socket file; the directory is unique anyway.
         let port = 20000 + ((std::process::id() as u64 * 7 + n) % 40000) as u16;
-        let mut cluster = Cluster { dir, port, stopped: true };
+        let mut cluster = Cluster {
+            dir,
+            port,
+            stopped: true,
+        };
 
         let data = cluster.data_dir();
         run_ok(
             as_postgres(&cluster.dir, &pg_bindir().join("initdb"))
                 .arg("-D")
                 .arg(&data)
-                .args(["-U", "postgres", "--auth-local=trust", "--auth-host=reject", "-E", "UTF8"])
+                .args([
+                    "-U",
+                    "postgres",
+                    "--auth-local=trust",
+                    "--auth-host=reject",
+                    "-E",
+                    "UTF8",
+                ])
                 .args(["--locale=C", "--no-sync"]),
         );
         let mut conf = format!(
@@ -191,13 +210,22 @@ impl Cluster {
 
     /// `host=<dir> port=<p> user=<role> dbname=<db>`
     pub fn conninfo(&self, role: &str, db: &str) -> String {
-        format!("host={} port={} user={} dbname={}", self.dir.display(), self.port, role, db)
+        format!(
+            "host={} port={} user={} dbname={}",
+            self.dir.display(),
+            self.port,
+            role,
+            db
+        )
     }
 
     /// Connect as `role` to `db` (panics with the server log tail on failure).
     pub fn connect(&self, role: &str, db: &str) -> Client {
         self.try_connect(role, db).unwrap_or_else(|e| {
-            panic!("connect as {role} to {db} failed: {e}\n--- server log ---\n{}", self.log_tail(30))
+            panic!(
+                "connect as {role} to {db} failed: {e}\n--- server log ---\n{}",
+                self.log_tail(30)
+            )
         })
     }
 
@@ -287,7 +315,10 @@ impl Drop for Cluster {
         if std::env::var_os("PGVPN_KEEP_CLUSTER").is_none() {
             let _ = fs::remove_dir_all(&self.dir);
         } else {
-            eprintln!("[cluster] keeping {} (PGVPN_KEEP_CLUSTER)", self.dir.display());
+            eprintln!(
+                "[cluster] keeping {} (PGVPN_KEEP_CLUSTER)",
+                self.dir.display()
+            );
         }
     }
 }
@@ -309,7 +340,9 @@ pub fn db_error(e: &postgres::Error) -> String {
             "{} [{}]{}{}",
             d.message(),
             d.code().code(),
-            d.detail().map(|x| format!(" DETAIL: {x}")).unwrap_or_default(),
+            d.detail()
+                .map(|x| format!(" DETAIL: {x}"))
+                .unwrap_or_default(),
             d.hint().map(|x| format!(" HINT: {x}")).unwrap_or_default()
         ),
         None => e.to_string(),

@@ -38,8 +38,12 @@ fn list_namespaces() -> Vec<String> {
 /// Remove namespaces (and the processes in them) left by dead test processes.
 pub fn cleanup_stale() {
     for name in list_namespaces() {
-        let Some(rest) = name.strip_prefix(NS_PREFIX) else { continue };
-        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
+        let Some(rest) = name.strip_prefix(NS_PREFIX) else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
         if pid == std::process::id() || util::pid_alive(pid) {
             continue;
         }
@@ -68,11 +72,17 @@ impl Netns {
 
         let name = format!("{NS_PREFIX}{}-{}-{tag}", std::process::id(), next_id());
         run_ok(Command::new("ip").args(["netns", "add", &name]));
-        let ns = Netns { name, started: Arc::new(Mutex::new(Vec::new())) };
+        let ns = Netns {
+            name,
+            started: Arc::new(Mutex::new(Vec::new())),
+        };
         run_ok(Command::new("ip").args(["-n", &ns.name, "link", "set", "lo", "up"]));
         // Paranoia: the namespace must not have any route out.
         let routes = ns.ip(&["route", "show", "default"]);
-        assert!(routes.trim().is_empty(), "fresh namespace has a default route?! {routes}");
+        assert!(
+            routes.trim().is_empty(),
+            "fresh namespace has a default route?! {routes}"
+        );
         ns
     }
 
@@ -122,8 +132,14 @@ impl Netns {
     }
 
     /// Spawn a prepared `command()` in the background (see [`Netns::spawn`]).
-    pub fn spawn_command(&self, mut c: Command, stdout: Option<&Path>, stderr: Option<&Path>) -> Bg {
-        let open = |p: &Path| File::create(p).unwrap_or_else(|e| panic!("create {}: {e}", p.display()));
+    pub fn spawn_command(
+        &self,
+        mut c: Command,
+        stdout: Option<&Path>,
+        stderr: Option<&Path>,
+    ) -> Bg {
+        let open =
+            |p: &Path| File::create(p).unwrap_or_else(|e| panic!("create {}: {e}", p.display()));
         let (out, err) = match (stdout, stderr) {
             // Same file for both: one open file description, so writes append in order.
             (Some(o), Some(e)) if o == e => {
@@ -140,7 +156,11 @@ impl Netns {
         let what = describe(&c);
         let child = c.spawn().unwrap_or_else(|e| panic!("spawn `{what}`: {e}"));
         self.started.lock().unwrap().push(child.id());
-        Bg { child: Some(child), what, ns: self.name.clone() }
+        Bg {
+            child: Some(child),
+            what,
+            ns: self.name.clone(),
+        }
     }
 
     /// Read a file as seen from inside the namespace (sysfs is per-namespace).
@@ -155,7 +175,10 @@ impl Netns {
             &format!("/sys/class/net/{dev}/statistics/rx_packets"),
             &format!("/sys/class/net/{dev}/statistics/tx_packets"),
         ]);
-        let v: Vec<u64> = out.split_whitespace().map(|x| x.parse().expect("counter")).collect();
+        let v: Vec<u64> = out
+            .split_whitespace()
+            .map(|x| x.parse().expect("counter"))
+            .collect();
         assert_eq!(v.len(), 2, "unexpected counters output {out:?}");
         (v[0], v[1])
     }
@@ -186,7 +209,11 @@ impl Drop for Netns {
         }
         let out = output(Command::new("ip").args(["netns", "del", &self.name]));
         if !out.status.success() {
-            eprintln!("[netns] ip netns del {} failed: {}", self.name, String::from_utf8_lossy(&out.stderr));
+            eprintln!(
+                "[netns] ip netns del {} failed: {}",
+                self.name,
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
     }
 }
@@ -210,7 +237,9 @@ impl Bg {
 
     /// Non-blocking: has it exited?
     pub fn try_wait(&mut self) -> Option<ExitStatus> {
-        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
     }
 
     /// Wait up to `timeout` for it to exit on its own.

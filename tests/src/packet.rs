@@ -18,10 +18,23 @@ pub const TCP_ACK: u8 = 0x10;
 /// The transport part of a packet.
 #[derive(Clone, Debug)]
 pub enum L4 {
-    Udp { sport: u16, dport: u16 },
-    Tcp { sport: u16, dport: u16, flags: u8, seq: u32, ack: u32 },
+    Udp {
+        sport: u16,
+        dport: u16,
+    },
+    Tcp {
+        sport: u16,
+        dport: u16,
+        flags: u8,
+        seq: u32,
+        ack: u32,
+    },
     /// ICMP (v4) or ICMPv6 echo request (`reply = false`) / reply.
-    Echo { id: u16, seq: u16, reply: bool },
+    Echo {
+        id: u16,
+        seq: u16,
+        reply: bool,
+    },
 }
 
 fn sum16(data: &[u8], mut acc: u32) -> u32 {
@@ -81,7 +94,13 @@ fn transport(src: IpAddr, dst: IpAddr, l4: &L4, payload: &[u8]) -> (u8, Vec<u8>)
             s.extend_from_slice(&[0, 0]);
             (PROTO_UDP, s, 6)
         }
-        L4::Tcp { sport, dport, flags, seq, ack } => {
+        L4::Tcp {
+            sport,
+            dport,
+            flags,
+            seq,
+            ack,
+        } => {
             let mut s = Vec::with_capacity(20 + payload.len());
             s.extend_from_slice(&sport.to_be_bytes());
             s.extend_from_slice(&dport.to_be_bytes());
@@ -108,7 +127,11 @@ fn transport(src: IpAddr, dst: IpAddr, l4: &L4, payload: &[u8]) -> (u8, Vec<u8>)
         }
     };
     seg.extend_from_slice(payload);
-    let acc = if proto == PROTO_ICMP { 0 } else { pseudo_sum(src, dst, proto, seg.len()) };
+    let acc = if proto == PROTO_ICMP {
+        0
+    } else {
+        pseudo_sum(src, dst, proto, seg.len())
+    };
     let mut c = fold(sum16(&seg, acc));
     if proto == PROTO_UDP && c == 0 {
         c = 0xffff;
@@ -171,12 +194,32 @@ pub fn udp(src: &str, dst: &str, sport: u16, dport: u16, payload: &[u8]) -> Vec<
 
 /// TCP segment with the given flags.
 pub fn tcp(src: &str, dst: &str, sport: u16, dport: u16, flags: u8, payload: &[u8]) -> Vec<u8> {
-    build(addr(src), addr(dst), L4::Tcp { sport, dport, flags, seq: 1000, ack: 0 }, payload)
+    build(
+        addr(src),
+        addr(dst),
+        L4::Tcp {
+            sport,
+            dport,
+            flags,
+            seq: 1000,
+            ack: 0,
+        },
+        payload,
+    )
 }
 
 /// ICMP / ICMPv6 echo request.
 pub fn ping(src: &str, dst: &str, id: u16, seq: u16, payload: &[u8]) -> Vec<u8> {
-    build(addr(src), addr(dst), L4::Echo { id, seq, reply: false }, payload)
+    build(
+        addr(src),
+        addr(dst),
+        L4::Echo {
+            id,
+            seq,
+            reply: false,
+        },
+        payload,
+    )
 }
 
 /// Some kinds of malformed packets.
@@ -260,7 +303,13 @@ pub fn parse(p: &[u8]) -> Option<Summary> {
         PROTO_TCP => ((*l4.get(12)? >> 4) as usize) * 4,
         _ => 0,
     };
-    Some(Summary { version, src, dst, protocol: proto, payload: l4.get(hdr..)?.to_vec() })
+    Some(Summary {
+        version,
+        src,
+        dst,
+        protocol: proto,
+        payload: l4.get(hdr..)?.to_vec(),
+    })
 }
 
 #[cfg(test)]
@@ -282,10 +331,22 @@ mod tests {
 
     #[test]
     fn ipv6_tcp_and_icmp() {
-        let p = tcp("fd00:5067:7670::1", "fd00:5067:7670::2", 40000, 80, TCP_SYN, b"");
+        let p = tcp(
+            "fd00:5067:7670::1",
+            "fd00:5067:7670::2",
+            40000,
+            80,
+            TCP_SYN,
+            b"",
+        );
         assert_eq!(p.len(), 40 + 20);
         assert_eq!(p[6], PROTO_TCP);
-        let acc = pseudo_sum(addr("fd00:5067:7670::1"), addr("fd00:5067:7670::2"), PROTO_TCP, 20);
+        let acc = pseudo_sum(
+            addr("fd00:5067:7670::1"),
+            addr("fd00:5067:7670::2"),
+            PROTO_TCP,
+            20,
+        );
         assert_eq!(fold(sum16(&p[40..], acc)), 0);
         let e = ping("fd00:5067:7670::1", "fd00:5067:7670::2", 7, 1, b"abc");
         assert_eq!(e[40], 128);

@@ -20,6 +20,21 @@ pub fn shim_path() -> PathBuf {
     target.join("release/pgvpn-shim")
 }
 
+/// The tun MTU the shim uses without `--mtu`, read from its `--help` ("[default: N]").
+pub fn shim_default_mtu() -> u32 {
+    let out = std::process::Command::new(shim_path())
+        .arg("--help")
+        .output()
+        .unwrap_or_else(|e| panic!("{} --help: {e}", shim_path().display()));
+    let help = String::from_utf8_lossy(&out.stdout);
+    let mtu = help.split("--mtu").nth(1).unwrap_or_default();
+    mtu.split("[default: ")
+        .nth(1)
+        .and_then(|rest| rest.split(']').next())
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no MTU default in `pgvpn-shim --help`:\n{help}"))
+}
+
 /// What to start.
 #[derive(Clone, Debug)]
 pub struct ShimSpec {
@@ -58,11 +73,14 @@ pub struct Shim {
 
 fn backends_of(cluster: &Cluster, role: &str) -> HashSet<i32> {
     let mut c = cluster.superuser("postgres");
-    c.query("SELECT pid FROM pg_stat_activity WHERE usename = $1", &[&role])
-        .expect("pg_stat_activity")
-        .iter()
-        .map(|r| r.get::<_, i32>(0))
-        .collect()
+    c.query(
+        "SELECT pid FROM pg_stat_activity WHERE usename = $1",
+        &[&role],
+    )
+    .expect("pg_stat_activity")
+    .iter()
+    .map(|r| r.get::<_, i32>(0))
+    .collect()
 }
 
 impl Shim {
@@ -84,10 +102,23 @@ impl Shim {
             ns.name()
         ));
         let mut cmd = ns.command(&bin);
-        cmd.args(["--db", &spec.conninfo, "--address", &spec.address, "--tun", &spec.tun]);
+        cmd.args([
+            "--db",
+            &spec.conninfo,
+            "--address",
+            &spec.address,
+            "--tun",
+            &spec.tun,
+        ]);
         cmd.args(&spec.extra_args);
         let bg = ns.spawn_command(cmd, Some(&log), Some(&log));
-        let mut shim = Shim { bg, spec: spec.clone(), ns_name: ns.name().to_string(), log, backend_pids: vec![] };
+        let mut shim = Shim {
+            bg,
+            spec: spec.clone(),
+            ns_name: ns.name().to_string(),
+            log,
+            backend_pids: vec![],
+        };
 
         let ip = spec.address.split('/').next().unwrap().to_string();
         let mut stage = "device";
@@ -105,14 +136,21 @@ impl Shim {
                 return None;
             }
             let flags = String::from_utf8_lossy(&link.stdout).into_owned();
-            let flags = flags.split('<').nth(1).and_then(|s| s.split('>').next()).unwrap_or("");
+            let flags = flags
+                .split('<')
+                .nth(1)
+                .and_then(|s| s.split('>').next())
+                .unwrap_or("");
             if !flags.split(',').any(|f| f == "UP") {
                 stage = "device UP";
                 return None;
             }
             let addr = ns.try_ip(&["-o", "addr", "show", "dev", &spec.tun]);
             let addr = String::from_utf8_lossy(&addr.stdout).into_owned();
-            if !addr.split_whitespace().any(|w| w.split('/').next() == Some(ip.as_str())) {
+            if !addr
+                .split_whitespace()
+                .any(|w| w.split('/').next() == Some(ip.as_str()))
+            {
                 stage = "address";
                 return None;
             }
@@ -169,7 +207,10 @@ impl Shim {
             Some(st) => st,
             None => {
                 self.bg.kill();
-                panic!("pgvpn-shim did not exit within 20 s of SIGTERM; output:\n{}", self.log_tail(60));
+                panic!(
+                    "pgvpn-shim did not exit within 20 s of SIGTERM; output:\n{}",
+                    self.log_tail(60)
+                );
             }
         }
     }
@@ -192,7 +233,11 @@ impl Shim {
             let now = backends_of(cluster, &self.spec.role);
             (!self.backend_pids.iter().any(|p| now.contains(p))).then_some(())
         });
-        assert!(gone.is_some(), "the shim's sessions {:?} did not end", self.backend_pids);
+        assert!(
+            gone.is_some(),
+            "the shim's sessions {:?} did not end",
+            self.backend_pids
+        );
     }
 
     /// SIGKILL (kill -9) and reap.

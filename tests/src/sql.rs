@@ -12,14 +12,22 @@ pub fn add_peer(admin: &mut Client, name: &str, role: &str, allowed_ips: &[&str]
             "SELECT pgvpn.add_peer($1::text, $2::text::regrole, $3::text[]::cidr[])",
             &[&name, &role, &ips],
         )
-        .unwrap_or_else(|e| panic!("pgvpn.add_peer({name}, {role}, {allowed_ips:?}): {}", db_error(&e)))
+        .unwrap_or_else(|e| {
+            panic!(
+                "pgvpn.add_peer({name}, {role}, {allowed_ips:?}): {}",
+                db_error(&e)
+            )
+        })
         .get(0)
 }
 
 pub fn set_allowed_ips(admin: &mut Client, name: &str, allowed_ips: &[&str]) {
     let ips: Vec<String> = allowed_ips.iter().map(|s| s.to_string()).collect();
     admin
-        .execute("SELECT pgvpn.set_allowed_ips($1::text, $2::text[]::cidr[])", &[&name, &ips])
+        .execute(
+            "SELECT pgvpn.set_allowed_ips($1::text, $2::text[]::cidr[])",
+            &[&name, &ips],
+        )
         .unwrap_or_else(|e| panic!("pgvpn.set_allowed_ips({name}): {}", db_error(&e)));
 }
 
@@ -53,11 +61,14 @@ pub fn send(c: &mut Client, packets: &[Vec<u8>]) -> i64 {
 
 /// `pgvpn.recv(after, max)` as the connected peer.
 pub fn recv(c: &mut Client, after: i64, max: i32) -> Vec<(i64, Vec<u8>)> {
-    c.query("SELECT id, payload FROM pgvpn.recv($1::bigint, $2::int)", &[&after, &max])
-        .unwrap_or_else(|e| panic!("pgvpn.recv: {}", db_error(&e)))
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect()
+    c.query(
+        "SELECT id, payload FROM pgvpn.recv($1::bigint, $2::int)",
+        &[&after, &max],
+    )
+    .unwrap_or_else(|e| panic!("pgvpn.recv: {}", db_error(&e)))
+    .iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect()
 }
 
 /// A single bigint from a query (NULL → 0).

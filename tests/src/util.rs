@@ -63,7 +63,11 @@ pub fn pid_alive(pid: u32) -> bool {
 }
 
 /// Poll `f` every `every` until it returns Some or `timeout` expires.
-pub fn wait_for<T>(timeout: Duration, every: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+pub fn wait_for<T>(
+    timeout: Duration,
+    every: Duration,
+    mut f: impl FnMut() -> Option<T>,
+) -> Option<T> {
     let start = Instant::now();
     loop {
         if let Some(v) = f() {

@@ -13,16 +13,30 @@ fn cluster_starts_without_extension_and_is_socket_only() {
     assert_eq!(fsync, "on");
     let sc: String = su.query_one("SHOW synchronous_commit", &[]).unwrap().get(0);
     assert_eq!(sc, "on");
-    let v: i32 = su.query_one("SELECT current_setting('server_version_num')::int", &[]).unwrap().get(0);
-    assert!((150000..160000).contains(&v), "PostgreSQL 15 expected, got {v}");
+    let v: i32 = su
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .unwrap()
+        .get(0);
+    assert!(
+        (150000..160000).contains(&v),
+        "PostgreSQL 15 expected, got {v}"
+    );
 
     cluster.create_db("x");
     cluster.create_login_role("someone");
     let mut c = cluster.connect("someone", "x");
-    let who: String = c.query_one("SELECT current_user::text", &[]).unwrap().get(0);
+    let who: String = c
+        .query_one("SELECT current_user::text", &[])
+        .unwrap()
+        .get(0);
     assert_eq!(who, "someone");
-    assert!(cluster.conninfo("someone", "x").starts_with(&format!("host={} ", cluster.dir().display())));
-    assert!(cluster.dir().join(format!(".s.PGSQL.{}", cluster.port())).exists());
+    assert!(cluster
+        .conninfo("someone", "x")
+        .starts_with(&format!("host={} ", cluster.dir().display())));
+    assert!(cluster
+        .dir()
+        .join(format!(".s.PGSQL.{}", cluster.port()))
+        .exists());
 
     let dir = cluster.dir().to_path_buf();
     drop(c);
@@ -40,9 +54,15 @@ fn netns_is_isolated_and_cleaned_up() {
     let name = ns.name().to_string();
     let links = ns.ip(&["-o", "link", "show"]);
     assert_eq!(links.lines().count(), 1, "only lo: {links}");
-    assert!(links.contains("lo:") && links.contains("UP"), "lo up: {links}");
+    assert!(
+        links.contains("lo:") && links.contains("UP"),
+        "lo up: {links}"
+    );
     assert!(ns.ip(&["route", "show"]).trim().is_empty());
-    assert!(ns.ip(&["-6", "route", "show"]).lines().all(|l| !l.starts_with("default")));
+    assert!(ns
+        .ip(&["-6", "route", "show"])
+        .lines()
+        .all(|l| !l.starts_with("default")));
     let out = ns.exec_ok(&["cat", "/sys/class/net/lo/statistics/rx_packets"]);
     assert!(out.trim().parse::<u64>().is_ok());
 
@@ -51,8 +71,17 @@ fn netns_is_isolated_and_cleaned_up() {
     assert!(util::pid_alive(pid));
     assert!(bg.try_wait().is_none());
     drop(ns);
-    let list = String::from_utf8_lossy(&Command::new("ip").args(["netns", "list"]).output().unwrap().stdout)
-        .into_owned();
+    let list = String::from_utf8_lossy(
+        &Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .into_owned();
     assert!(!list.contains(&name), "namespace deleted");
-    assert!(bg.wait_timeout(std::time::Duration::from_secs(5)).is_some(), "process killed with its namespace");
+    assert!(
+        bg.wait_timeout(std::time::Duration::from_secs(5)).is_some(),
+        "process killed with its namespace"
+    );
 }

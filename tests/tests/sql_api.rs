@@ -5,7 +5,9 @@
 //! into the server (`pgvpn.control` in the share dir).
 
 use pgvpn_tests::packet::{self, bad, TCP_ACK, TCP_SYN};
-use pgvpn_tests::sql::{self, add_peer, create_auditor, create_peer, recv, remove_peer, scalar_i64, send};
+use pgvpn_tests::sql::{
+    self, add_peer, create_auditor, create_peer, recv, remove_peer, scalar_i64, send,
+};
 use pgvpn_tests::{db_error, sqlstate, Cluster, Rng};
 use postgres::{Client, NoTls};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -165,7 +167,9 @@ fn run_exactly_once(
             let mut order_violations = Vec::new();
             let mut last_progress = Instant::now();
             loop {
-                let rows = c.query(&stmt, &[&last]).unwrap_or_else(|e| panic!("recv: {}", db_error(&e)));
+                let rows = c
+                    .query(&stmt, &[&last])
+                    .unwrap_or_else(|e| panic!("recv: {}", db_error(&e)));
                 for r in &rows {
                     let id: i64 = r.get(0);
                     let payload: Vec<u8> = r.get(1);
@@ -211,9 +215,14 @@ fn run_exactly_once(
             for t in 0..txns {
                 let n = 1 + rng.below(6) as usize;
                 let tags: Vec<String> = (0..n).map(|p| format!("{role}:{t}:{p}")).collect();
-                let pkts: Vec<Vec<u8>> = tags.iter().map(|tag| udp_tagged(&src, &dst, tag)).collect();
+                let pkts: Vec<Vec<u8>> =
+                    tags.iter().map(|tag| udp_tagged(&src, &dst, tag)).collect();
                 let mut tx = c.transaction().expect("begin");
-                let split = if n > 1 && rng.below(3) == 0 { 1 + rng.below(n as u64 - 1) as usize } else { n };
+                let split = if n > 1 && rng.below(3) == 0 {
+                    1 + rng.below(n as u64 - 1) as usize
+                } else {
+                    n
+                };
                 let mut accepted = 0i64;
                 for part in [&pkts[..split], &pkts[split..]] {
                     if part.is_empty() {
@@ -229,14 +238,18 @@ fn run_exactly_once(
                     }
                 }
                 if accepted != n as i64 {
-                    mismatches.lock().unwrap().push(format!("{role}:{t}: accepted {accepted} of {n}"));
+                    mismatches
+                        .lock()
+                        .unwrap()
+                        .push(format!("{role}:{t}: accepted {accepted} of {n}"));
                 }
                 std::thread::sleep(Duration::from_micros(rng.below(15_000)));
                 if rng.below(10) == 0 {
                     tx.rollback().expect("rollback");
                     rolled_back.lock().unwrap().extend(tags);
                 } else {
-                    tx.commit().unwrap_or_else(|e| panic!("commit as {role}: {}", db_error(&e)));
+                    tx.commit()
+                        .unwrap_or_else(|e| panic!("commit as {role}: {}", db_error(&e)));
                     committed.lock().unwrap().extend(tags);
                 }
                 std::thread::sleep(Duration::from_micros(rng.below(3_000)));
@@ -262,10 +275,14 @@ fn run_exactly_once(
     let mut count: HashMap<&str, usize> = HashMap::new();
     for (_, tag) in &seen {
         *count.entry(tag.as_str()).or_default() += 1;
-        *rep.per_sender_seen.entry(tag.split(':').next().unwrap_or("?").to_string()).or_default() += 1;
+        *rep.per_sender_seen
+            .entry(tag.split(':').next().unwrap_or("?").to_string())
+            .or_default() += 1;
     }
     for tag in &committed {
-        *rep.per_sender_committed.entry(tag.split(':').next().unwrap_or("?").to_string()).or_default() += 1;
+        *rep.per_sender_committed
+            .entry(tag.split(':').next().unwrap_or("?").to_string())
+            .or_default() += 1;
     }
     for (tag, n) in &count {
         if *n > 1 {
@@ -277,7 +294,11 @@ fn run_exactly_once(
             rep.unknown.push(tag.to_string());
         }
     }
-    let mut missing: Vec<String> = committed.iter().filter(|t| !count.contains_key(t.as_str())).cloned().collect();
+    let mut missing: Vec<String> = committed
+        .iter()
+        .filter(|t| !count.contains_key(t.as_str()))
+        .cloned()
+        .collect();
     missing.sort();
     rep.missing = missing;
     rep
@@ -286,10 +307,25 @@ fn run_exactly_once(
 #[test]
 fn exactly_once_under_concurrency() {
     let cluster = setup(&[("a", &[A4]), ("b", &[B4]), ("c", &[C4]), ("r", &[R4])]);
-    let rep = run_exactly_once(&cluster, DB, &PGVPN_API, &[("a", A4), ("b", B4), ("c", C4)], "r", R4, 70);
+    let rep = run_exactly_once(
+        &cluster,
+        DB,
+        &PGVPN_API,
+        &[("a", A4), ("b", B4), ("c", C4)],
+        "r",
+        R4,
+        70,
+    );
     eprintln!("exactly-once report: {}", rep.summary());
-    assert!(rep.committed > 300, "the test should move a few hundred packets");
-    assert!(rep.ok(), "pgvpn lost, duplicated or misordered packets: {}", rep.summary());
+    assert!(
+        rep.committed > 300,
+        "the test should move a few hundred packets"
+    );
+    assert!(
+        rep.ok(),
+        "pgvpn lost, duplicated or misordered packets: {}",
+        rep.summary()
+    );
     assert_eq!(rep.per_sender_seen, rep.per_sender_committed);
 
     // The reader never acked: the stored cursor is still 0 and a fresh recv(0) returns
@@ -311,26 +347,49 @@ fn exactly_once_across_chunk_rolls() {
         let stop = Arc::clone(&stop);
         std::thread::spawn(move || {
             let mut su = Client::connect(&conn, NoTls).expect("pruner connect");
-            su.batch_execute("SET pgvpn.chunk_interval = '1s'; SET pgvpn.retention = '1d'").unwrap();
+            su.batch_execute("SET pgvpn.chunk_interval = '1s'; SET pgvpn.retention = '1d'")
+                .unwrap();
             let mut calls = 0;
             while !stop.load(Ordering::SeqCst) {
-                su.query_one("SELECT pgvpn.prune()", &[]).unwrap_or_else(|e| panic!("prune: {}", db_error(&e)));
+                su.query_one("SELECT pgvpn.prune()", &[])
+                    .unwrap_or_else(|e| panic!("prune: {}", db_error(&e)));
                 calls += 1;
                 std::thread::sleep(Duration::from_millis(300));
             }
             calls
         })
     };
-    let rep = run_exactly_once(&cluster, DB, &PGVPN_API, &[("a", A4), ("b", B4), ("c", C4)], "r", R4, 120);
+    let rep = run_exactly_once(
+        &cluster,
+        DB,
+        &PGVPN_API,
+        &[("a", A4), ("b", B4), ("c", C4)],
+        "r",
+        R4,
+        120,
+    );
     stop.store(true, Ordering::SeqCst);
     let calls = pruner.join().expect("pruner panicked");
     let mut su = cluster.superuser(DB);
     let parts = partitions(&mut su);
-    eprintln!("exactly-once across chunk rolls ({calls} prunes, {parts} chunks): {}", rep.summary());
-    assert!(parts >= 2, "the log should have rolled to a new chunk, has {parts} chunk(s)");
-    assert!(rep.ok(), "pgvpn lost, duplicated or misordered packets across chunk rolls: {}", rep.summary());
+    eprintln!(
+        "exactly-once across chunk rolls ({calls} prunes, {parts} chunks): {}",
+        rep.summary()
+    );
+    assert!(
+        parts >= 2,
+        "the log should have rolled to a new chunk, has {parts} chunk(s)"
+    );
+    assert!(
+        rep.ok(),
+        "pgvpn lost, duplicated or misordered packets across chunk rolls: {}",
+        rep.summary()
+    );
     // ids really span several chunks
-    let chunks_used = scalar_i64(&mut su, "SELECT count(DISTINCT id >> 40) FROM pgvpn.packets");
+    let chunks_used = scalar_i64(
+        &mut su,
+        "SELECT count(DISTINCT id >> 40) FROM pgvpn.packets",
+    );
     assert!(chunks_used >= 2, "packets landed in {chunks_used} chunk(s)");
 }
 
@@ -360,7 +419,15 @@ fn exactly_once_check_catches_a_naive_outbox() {
          GRANT USAGE ON SEQUENCE naive.q_id_seq TO PUBLIC;",
     )
     .expect("naive outbox");
-    let rep = run_exactly_once(&cluster, DB, &NAIVE, &[("a", A4), ("b", B4), ("c", C4)], "r", R4, 70);
+    let rep = run_exactly_once(
+        &cluster,
+        DB,
+        &NAIVE,
+        &[("a", A4), ("b", B4), ("c", C4)],
+        "r",
+        R4,
+        70,
+    );
     eprintln!("naive outbox report: {}", rep.summary());
     assert!(
         !rep.missing.is_empty(),
@@ -406,64 +473,123 @@ fn coalesced_notify_one_per_committed_transaction() {
     {
         let mut tx = a.transaction().unwrap();
         let n1: i64 = tx
-            .query_one("SELECT pgvpn.send($1::bytea[])", &[&vec![to(B4, "t1-1"), to(B4, "t1-2"), to(B4, "t1-3")]])
+            .query_one(
+                "SELECT pgvpn.send($1::bytea[])",
+                &[&vec![to(B4, "t1-1"), to(B4, "t1-2"), to(B4, "t1-3")]],
+            )
             .unwrap()
             .get(0);
         let n2: i64 = tx
             .query_one(
                 "SELECT pgvpn.send($1::bytea[])",
-                &[&vec![to(B4, "t1-4"), to(C4, "t1-c1"), to(B4, "t1-5"), to(C4, "t1-c2")]],
+                &[&vec![
+                    to(B4, "t1-4"),
+                    to(C4, "t1-c1"),
+                    to(B4, "t1-5"),
+                    to(C4, "t1-c2"),
+                ]],
             )
             .unwrap()
             .get(0);
-        let n3: i64 = tx.query_one("SELECT pgvpn.send($1::bytea)", &[&to(C4, "t1-c3")]).unwrap().get(0);
+        let n3: i64 = tx
+            .query_one("SELECT pgvpn.send($1::bytea)", &[&to(C4, "t1-c3")])
+            .unwrap()
+            .get(0);
         assert_eq!((n1, n2, n3), (3, 4, 1));
         // Nothing before commit.
-        assert!(drain_notifications(&mut b, Duration::from_millis(300)).is_empty(), "notified before commit");
+        assert!(
+            drain_notifications(&mut b, Duration::from_millis(300)).is_empty(),
+            "notified before commit"
+        );
         tx.commit().unwrap();
     }
     let nb = drain_notifications(&mut b, quiet);
     let nc = drain_notifications(&mut c, quiet);
-    assert_eq!(nb, vec![(chan_b.clone(), String::new())], "b: exactly one empty notification for T1");
-    assert_eq!(nc, vec![(chan_c.clone(), String::new())], "c: exactly one empty notification for T1");
+    assert_eq!(
+        nb,
+        vec![(chan_b.clone(), String::new())],
+        "b: exactly one empty notification for T1"
+    );
+    assert_eq!(
+        nc,
+        vec![(chan_c.clone(), String::new())],
+        "c: exactly one empty notification for T1"
+    );
     // ... and the packets are there when the notification arrives.
-    assert_eq!(tags(&recv(&mut b, 0, 1024)), ["t1-1", "t1-2", "t1-3", "t1-4", "t1-5"]);
+    assert_eq!(
+        tags(&recv(&mut b, 0, 1024)),
+        ["t1-1", "t1-2", "t1-3", "t1-4", "t1-5"]
+    );
     assert_eq!(tags(&recv(&mut c, 0, 1024)), ["t1-c1", "t1-c2", "t1-c3"]);
 
     // T2: only b.
     {
         let mut tx = a.transaction().unwrap();
-        tx.query_one("SELECT pgvpn.send($1::bytea[])", &[&vec![to(B4, "t2-1"), to(B4, "t2-2")]]).unwrap();
-        tx.query_one("SELECT pgvpn.send($1::bytea)", &[&to(B4, "t2-3")]).unwrap();
+        tx.query_one(
+            "SELECT pgvpn.send($1::bytea[])",
+            &[&vec![to(B4, "t2-1"), to(B4, "t2-2")]],
+        )
+        .unwrap();
+        tx.query_one("SELECT pgvpn.send($1::bytea)", &[&to(B4, "t2-3")])
+            .unwrap();
         tx.commit().unwrap();
     }
-    assert_eq!(drain_notifications(&mut b, quiet).len(), 1, "b: one more for T2");
-    assert_eq!(drain_notifications(&mut c, Duration::from_millis(500)).len(), 0, "c: none for T2 (nothing for c)");
+    assert_eq!(
+        drain_notifications(&mut b, quiet).len(),
+        1,
+        "b: one more for T2"
+    );
+    assert_eq!(
+        drain_notifications(&mut c, Duration::from_millis(500)).len(),
+        0,
+        "c: none for T2 (nothing for c)"
+    );
 
     // T3: aborted transaction → none.
     {
         let mut tx = a.transaction().unwrap();
-        tx.query_one("SELECT pgvpn.send($1::bytea[])", &[&vec![to(B4, "t3-1"), to(C4, "t3-c1")]]).unwrap();
+        tx.query_one(
+            "SELECT pgvpn.send($1::bytea[])",
+            &[&vec![to(B4, "t3-1"), to(C4, "t3-c1")]],
+        )
+        .unwrap();
         tx.rollback().unwrap();
     }
-    assert!(drain_notifications(&mut b, quiet).is_empty(), "b notified for an aborted transaction");
-    assert!(drain_notifications(&mut c, Duration::from_millis(300)).is_empty(), "c notified for an aborted transaction");
+    assert!(
+        drain_notifications(&mut b, quiet).is_empty(),
+        "b notified for an aborted transaction"
+    );
+    assert!(
+        drain_notifications(&mut c, Duration::from_millis(300)).is_empty(),
+        "c notified for an aborted transaction"
+    );
 
     // T4: a transaction that failed after sending (error → rolled back) → none.
     {
         let mut tx = a.transaction().unwrap();
-        tx.query_one("SELECT pgvpn.send($1::bytea)", &[&to(B4, "t4-1")]).unwrap();
+        tx.query_one("SELECT pgvpn.send($1::bytea)", &[&to(B4, "t4-1")])
+            .unwrap();
         assert!(tx.batch_execute("SELECT 1/0").is_err());
         let _ = tx.commit(); // COMMIT of a failed transaction is a rollback
     }
-    assert!(drain_notifications(&mut b, quiet).is_empty(), "b notified for a failed transaction");
+    assert!(
+        drain_notifications(&mut b, quiet).is_empty(),
+        "b notified for a failed transaction"
+    );
 
     // Autocommit: two separate statements are two transactions → two notifications.
     send(&mut a, &[to(B4, "t5-1")]);
     send(&mut a, &[to(B4, "t6-1"), to(B4, "t6-2")]);
-    assert_eq!(drain_notifications(&mut b, quiet).len(), 2, "one per autocommit send");
+    assert_eq!(
+        drain_notifications(&mut b, quiet).len(),
+        2,
+        "one per autocommit send"
+    );
     let got = tags(&recv(&mut b, 0, 1024));
-    assert_eq!(got, ["t1-1", "t1-2", "t1-3", "t1-4", "t1-5", "t2-1", "t2-2", "t2-3", "t5-1", "t6-1", "t6-2"]);
+    assert_eq!(
+        got,
+        ["t1-1", "t1-2", "t1-3", "t1-4", "t1-5", "t2-1", "t2-2", "t2-3", "t5-1", "t6-1", "t6-2"]
+    );
     assert!(drain_notifications(&mut c, Duration::from_millis(200)).is_empty());
 }
 
@@ -495,15 +621,23 @@ fn recv_long_poll_wakes_on_commit() {
     let sent_at = sender.join().unwrap();
     assert_eq!(rows.len(), 1, "the packet committed while recv waited");
     assert_eq!(tag_of(rows[0].get::<_, &[u8]>(1)), "late");
-    assert!(start.elapsed() >= Duration::from_millis(400), "recv really waited");
+    assert!(
+        start.elapsed() >= Duration::from_millis(400),
+        "recv really waited"
+    );
     let after_send = returned_at.saturating_duration_since(sent_at);
-    assert!(after_send < Duration::from_secs(2), "woken by the commit, not by the 10 s timeout ({after_send:?})");
+    assert!(
+        after_send < Duration::from_secs(2),
+        "woken by the commit, not by the 10 s timeout ({after_send:?})"
+    );
 
     // Without LISTEN nothing sets the latch: the wait simply times out.
     let mut b2 = cluster.connect("b", DB);
     let last: i64 = rows[0].get(0);
     let t = Instant::now();
-    let rows = b2.query("SELECT id FROM pgvpn.recv($1, 10, 300)", &[&last]).unwrap();
+    let rows = b2
+        .query("SELECT id FROM pgvpn.recv($1, 10, 300)", &[&last])
+        .unwrap();
     assert!(rows.is_empty());
     assert!(t.elapsed() >= Duration::from_millis(300));
 }
@@ -530,12 +664,19 @@ fn privileges_peers_nonpeers_auditor() {
     assert_eq!(tags(&recv(&mut b, 0, 1024)), ["for-b-1", "for-b-2"]);
     let all_ids: Vec<i64> = {
         let mut au = cluster.connect("auditor", DB);
-        au.query("SELECT id FROM pgvpn.packets ORDER BY id", &[]).unwrap().iter().map(|r| r.get(0)).collect()
+        au.query("SELECT id FROM pgvpn.packets ORDER BY id", &[])
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
     };
     // Even asking from below b's first id, a does not get b's packets.
     for after in [0, all_ids[0] - 1, all_ids[1] - 1] {
         for (_, p) in recv(&mut a, after, 65536) {
-            assert!(tag_of(&p).starts_with("for-a"), "a got someone else's packet after {after}");
+            assert!(
+                tag_of(&p).starts_with("for-a"),
+                "a got someone else's packet after {after}"
+            );
         }
     }
 
@@ -549,10 +690,18 @@ fn privileges_peers_nonpeers_auditor() {
         "pgvpn.peer_stats",
         "pgvpn.rejects",
     ] {
-        expect_sqlstate(a.query(&format!("SELECT * FROM {rel} LIMIT 1"), &[]), "42501", &format!("peer a SELECT {rel}"));
+        expect_sqlstate(
+            a.query(&format!("SELECT * FROM {rel} LIMIT 1"), &[]),
+            "42501",
+            &format!("peer a SELECT {rel}"),
+        );
     }
     // ... nor write them.
-    expect_sqlstate(a.execute("DELETE FROM pgvpn.packets", &[]), "42501", "peer a DELETE packets");
+    expect_sqlstate(
+        a.execute("DELETE FROM pgvpn.packets", &[]),
+        "42501",
+        "peer a DELETE packets",
+    );
     expect_sqlstate(
         a.execute("UPDATE pgvpn.cursors SET acked_id = 0", &[]),
         "42501",
@@ -560,40 +709,96 @@ fn privileges_peers_nonpeers_auditor() {
     );
     // Peers cannot administer.
     expect_sqlstate(
-        a.query("SELECT pgvpn.add_peer('evil', 'mallory'::regrole, '{198.18.9.0/24}'::cidr[])", &[]),
+        a.query(
+            "SELECT pgvpn.add_peer('evil', 'mallory'::regrole, '{198.18.9.0/24}'::cidr[])",
+            &[],
+        ),
         "42501",
         "peer a add_peer",
     );
     expect_sqlstate(
-        a.query("SELECT pgvpn.set_allowed_ips('a', '{198.18.0.0/15}'::cidr[])", &[]),
+        a.query(
+            "SELECT pgvpn.set_allowed_ips('a', '{198.18.0.0/15}'::cidr[])",
+            &[],
+        ),
         "42501",
         "peer a set_allowed_ips",
     );
-    expect_sqlstate(a.query("SELECT pgvpn.remove_peer('b')", &[]), "42501", "peer a remove_peer");
-    expect_sqlstate(a.query("SELECT pgvpn.prune()", &[]), "42501", "peer a prune");
+    expect_sqlstate(
+        a.query("SELECT pgvpn.remove_peer('b')", &[]),
+        "42501",
+        "peer a remove_peer",
+    );
+    expect_sqlstate(
+        a.query("SELECT pgvpn.prune()", &[]),
+        "42501",
+        "peer a prune",
+    );
     // A peer cannot become another peer.
     expect_sqlstate(a.batch_execute("SET ROLE b"), "42501", "peer a SET ROLE b");
     // A peer cannot shorten the audit trail (the GUCs are superuser-only).
     scalar_i64(&mut a, "SELECT pgvpn.cursor()"); // make sure the library is loaded
-    expect_sqlstate(a.batch_execute("SET pgvpn.retention = '1s'"), "42501", "peer a SET pgvpn.retention");
-    expect_sqlstate(a.batch_execute("SET pgvpn.chunk_interval = '1s'"), "42501", "peer a SET pgvpn.chunk_interval");
+    expect_sqlstate(
+        a.batch_execute("SET pgvpn.retention = '1s'"),
+        "42501",
+        "peer a SET pgvpn.retention",
+    );
+    expect_sqlstate(
+        a.batch_execute("SET pgvpn.chunk_interval = '1s'"),
+        "42501",
+        "peer a SET pgvpn.chunk_interval",
+    );
 
     // A login role that is not a peer gets 42501 from the data path.
     let mut m = cluster.connect("mallory", DB);
     let p = udp_tagged(A4, B4, "forged");
-    expect_sqlstate(m.query("SELECT pgvpn.send($1::bytea[])", &[&vec![p.clone()]]), "42501", "non-peer send(bytea[])");
-    expect_sqlstate(m.query("SELECT pgvpn.send($1::bytea)", &[&p]), "42501", "non-peer send(bytea)");
-    expect_sqlstate(m.query("SELECT * FROM pgvpn.recv(0)", &[]), "42501", "non-peer recv");
+    expect_sqlstate(
+        m.query("SELECT pgvpn.send($1::bytea[])", &[&vec![p.clone()]]),
+        "42501",
+        "non-peer send(bytea[])",
+    );
+    expect_sqlstate(
+        m.query("SELECT pgvpn.send($1::bytea)", &[&p]),
+        "42501",
+        "non-peer send(bytea)",
+    );
+    expect_sqlstate(
+        m.query("SELECT * FROM pgvpn.recv(0)", &[]),
+        "42501",
+        "non-peer recv",
+    );
     expect_sqlstate(m.query("SELECT pgvpn.ack(0)", &[]), "42501", "non-peer ack");
-    expect_sqlstate(m.query("SELECT pgvpn.cursor()", &[]), "42501", "non-peer cursor");
-    expect_sqlstate(m.query("SELECT pgvpn.channel()", &[]), "42501", "non-peer channel");
-    expect_sqlstate(m.query("SELECT * FROM pgvpn.packets", &[]), "42501", "non-peer SELECT packets");
+    expect_sqlstate(
+        m.query("SELECT pgvpn.cursor()", &[]),
+        "42501",
+        "non-peer cursor",
+    );
+    expect_sqlstate(
+        m.query("SELECT pgvpn.channel()", &[]),
+        "42501",
+        "non-peer channel",
+    );
+    expect_sqlstate(
+        m.query("SELECT * FROM pgvpn.packets", &[]),
+        "42501",
+        "non-peer SELECT packets",
+    );
 
     // The auditor reads everything and changes nothing.
     let mut au = cluster.connect("auditor", DB);
-    let n = scalar_i64(&mut au, "SELECT count(*) FROM pgvpn.packet_log WHERE src_peer = 'c'");
+    let n = scalar_i64(
+        &mut au,
+        "SELECT count(*) FROM pgvpn.packet_log WHERE src_peer = 'c'",
+    );
     assert_eq!(n, 4, "auditor sees c's packets in packet_log");
-    for rel in ["pgvpn.packets", "pgvpn.peers", "pgvpn.flows", "pgvpn.peer_stats", "pgvpn.rejects", "pgvpn.cursors"] {
+    for rel in [
+        "pgvpn.packets",
+        "pgvpn.peers",
+        "pgvpn.flows",
+        "pgvpn.peer_stats",
+        "pgvpn.rejects",
+        "pgvpn.cursors",
+    ] {
         au.query(&format!("SELECT * FROM {rel} LIMIT 1"), &[])
             .unwrap_or_else(|e| panic!("auditor SELECT {rel}: {}", db_error(&e)));
     }
@@ -613,27 +818,62 @@ fn privileges_peers_nonpeers_auditor() {
             .unwrap_or_else(|e| panic!("auditor cannot SELECT {rel}: {}", db_error(&e)));
     }
     let decoded: serde_json::Value = au
-        .query_one("SELECT pgvpn.decode(payload)::text FROM pgvpn.packets ORDER BY id LIMIT 1", &[])
+        .query_one(
+            "SELECT pgvpn.decode(payload)::text FROM pgvpn.packets ORDER BY id LIMIT 1",
+            &[],
+        )
         .map(|r| serde_json::from_str(&r.get::<_, String>(0)).unwrap())
         .unwrap_or_else(|e| panic!("auditor decode: {}", db_error(&e)));
     assert_eq!(decoded["dst_addr"], A4, "{decoded}");
-    expect_sqlstate(au.execute("DELETE FROM pgvpn.packets", &[]), "42501", "auditor DELETE packets");
     expect_sqlstate(
-        au.execute("INSERT INTO pgvpn.peers (name, role) VALUES ('x', 'auditor')", &[]),
+        au.execute("DELETE FROM pgvpn.packets", &[]),
+        "42501",
+        "auditor DELETE packets",
+    );
+    expect_sqlstate(
+        au.execute(
+            "INSERT INTO pgvpn.peers (name, role) VALUES ('x', 'auditor')",
+            &[],
+        ),
         "42501",
         "auditor INSERT peers",
     );
-    expect_sqlstate(au.query("SELECT pgvpn.send($1::bytea[])", &[&vec![p.clone()]]), "42501", "auditor send");
-    expect_sqlstate(au.query("SELECT pgvpn.prune()", &[]), "42501", "auditor prune");
+    expect_sqlstate(
+        au.query("SELECT pgvpn.send($1::bytea[])", &[&vec![p.clone()]]),
+        "42501",
+        "auditor send",
+    );
+    expect_sqlstate(
+        au.query("SELECT pgvpn.prune()", &[]),
+        "42501",
+        "auditor prune",
+    );
 
     // A removed peer loses the data path.
     let mut admin = cluster.superuser(DB);
     remove_peer(&mut admin, "c");
     let mut c2 = cluster.connect("c", DB);
-    expect_sqlstate(c2.query("SELECT pgvpn.send($1::bytea[])", &[&vec![udp_tagged(C4, A4, "late")]]), "42501", "removed peer send");
-    expect_sqlstate(c2.query("SELECT * FROM pgvpn.recv(0)", &[]), "42501", "removed peer recv");
+    expect_sqlstate(
+        c2.query(
+            "SELECT pgvpn.send($1::bytea[])",
+            &[&vec![udp_tagged(C4, A4, "late")]],
+        ),
+        "42501",
+        "removed peer send",
+    );
+    expect_sqlstate(
+        c2.query("SELECT * FROM pgvpn.recv(0)", &[]),
+        "42501",
+        "removed peer recv",
+    );
     // ... its log rows stay, with its name.
-    assert_eq!(scalar_i64(&mut au, "SELECT count(*) FROM pgvpn.packet_log WHERE src_peer = 'c'"), 4);
+    assert_eq!(
+        scalar_i64(
+            &mut au,
+            "SELECT count(*) FROM pgvpn.packet_log WHERE src_peer = 'c'"
+        ),
+        4
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -644,21 +884,39 @@ fn privileges_peers_nonpeers_auditor() {
 fn ack_and_cursor_persist_across_reconnects_and_crash() {
     let mut cluster = setup(&[("a", &[A4]), ("b", &[B4])]);
     let mut a = cluster.connect("a", DB);
-    let pk: Vec<Vec<u8>> = (0..10).map(|i| udp_tagged(A4, B4, &format!("m{i}"))).collect();
+    let pk: Vec<Vec<u8>> = (0..10)
+        .map(|i| udp_tagged(A4, B4, &format!("m{i}")))
+        .collect();
     assert_eq!(send(&mut a, &pk), 10);
 
     let mut b = cluster.connect("b", DB);
-    assert_eq!(scalar_i64(&mut b, "SELECT pgvpn.cursor()"), 0, "cursor starts at 0");
+    assert_eq!(
+        scalar_i64(&mut b, "SELECT pgvpn.cursor()"),
+        0,
+        "cursor starts at 0"
+    );
     let rows = recv(&mut b, 0, 1024);
     assert_eq!(rows.len(), 10);
     let ids: Vec<i64> = rows.iter().map(|r| r.0).collect();
-    assert!(ids.windows(2).all(|w| w[0] < w[1]), "ascending ids: {ids:?}");
+    assert!(
+        ids.windows(2).all(|w| w[0] < w[1]),
+        "ascending ids: {ids:?}"
+    );
     // recv with a limit pages through in order.
     let page = recv(&mut b, 0, 3);
     assert_eq!(page.iter().map(|r| r.0).collect::<Vec<_>>(), ids[..3]);
-    assert_eq!(recv(&mut b, ids[2], 3).iter().map(|r| r.0).collect::<Vec<_>>(), ids[3..6]);
+    assert_eq!(
+        recv(&mut b, ids[2], 3)
+            .iter()
+            .map(|r| r.0)
+            .collect::<Vec<_>>(),
+        ids[3..6]
+    );
 
-    let acked: i64 = b.query_one("SELECT pgvpn.ack($1)", &[&ids[4]]).unwrap().get(0);
+    let acked: i64 = b
+        .query_one("SELECT pgvpn.ack($1)", &[&ids[4]])
+        .unwrap()
+        .get(0);
     assert_eq!(acked, ids[4]);
     assert_eq!(scalar_i64(&mut b, "SELECT pgvpn.cursor()"), ids[4]);
     drop(b);
@@ -670,7 +928,10 @@ fn ack_and_cursor_persist_across_reconnects_and_crash() {
     let rest = recv(&mut b, cur, 1024);
     assert_eq!(tags(&rest), ["m5", "m6", "m7", "m8", "m9"]);
     // The cursor only moves forward.
-    let back: i64 = b.query_one("SELECT pgvpn.ack($1)", &[&ids[1]]).unwrap().get(0);
+    let back: i64 = b
+        .query_one("SELECT pgvpn.ack($1)", &[&ids[1]])
+        .unwrap()
+        .get(0);
     assert_eq!(back, ids[4], "ack backwards does not move the cursor back");
     // a's cursor is independent.
     assert_eq!(scalar_i64(&mut a, "SELECT pgvpn.cursor()"), 0);
@@ -681,7 +942,10 @@ fn ack_and_cursor_persist_across_reconnects_and_crash() {
         tx.rollback().unwrap();
     }
     assert_eq!(scalar_i64(&mut b, "SELECT pgvpn.cursor()"), ids[4]);
-    let acked: i64 = b.query_one("SELECT pgvpn.ack($1)", &[&ids[8]]).unwrap().get(0);
+    let acked: i64 = b
+        .query_one("SELECT pgvpn.ack($1)", &[&ids[8]])
+        .unwrap()
+        .get(0);
     assert_eq!(acked, ids[8]);
     drop(a);
     drop(b);
@@ -689,7 +953,11 @@ fn ack_and_cursor_persist_across_reconnects_and_crash() {
     // A committed ack is durable: crash the server (immediate stop) and come back.
     cluster.restart_immediate();
     let mut b = cluster.connect("b", DB);
-    assert_eq!(scalar_i64(&mut b, "SELECT pgvpn.cursor()"), ids[8], "cursor survives a crash restart");
+    assert_eq!(
+        scalar_i64(&mut b, "SELECT pgvpn.cursor()"),
+        ids[8],
+        "cursor survives a crash restart"
+    );
     assert_eq!(tags(&recv(&mut b, ids[8], 1024)), ["m9"]);
     // And the log survived too.
     assert_eq!(recv(&mut b, 0, 1024).len(), 10);
@@ -700,11 +968,14 @@ fn ack_and_cursor_persist_across_reconnects_and_crash() {
 // ---------------------------------------------------------------------------------------
 
 fn reject_totals(au: &mut Client, peer: &str) -> BTreeMap<String, i64> {
-    au.query("SELECT reason, packets FROM pgvpn.reject_totals WHERE peer = $1", &[&peer])
-        .unwrap_or_else(|e| panic!("reject_totals: {}", db_error(&e)))
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect()
+    au.query(
+        "SELECT reason, packets FROM pgvpn.reject_totals WHERE peer = $1",
+        &[&peer],
+    )
+    .unwrap_or_else(|e| panic!("reject_totals: {}", db_error(&e)))
+    .iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect()
 }
 
 #[test]
@@ -725,30 +996,43 @@ fn rejects_do_not_fail_good_packets_and_are_audited() {
     // Batch 1: one of each kind, interleaved (few enough to all be sampled).
     let batch1 = vec![
         good[0].clone(),
-        bad::junk(),                         // malformed
-        udp_tagged(B4, B4, "spoofed-as-b"),  // spoofed: b's address
+        bad::junk(),                        // malformed
+        udp_tagged(B4, B4, "spoofed-as-b"), // spoofed: b's address
         good[1].clone(),
         udp_tagged(A4, "198.19.200.1", "nowhere"), // no_route
-        udp_tagged(A4, A4, "to-myself"),     // loop
+        udp_tagged(A4, A4, "to-myself"),           // loop
         good[2].clone(),
     ];
     assert_eq!(send(&mut a, &batch1), 3, "accepted = the good ones");
     let mut reasons: Vec<String> = au
-        .query("SELECT reason FROM pgvpn.rejects WHERE peer = 'a' ORDER BY reason", &[])
+        .query(
+            "SELECT reason FROM pgvpn.rejects WHERE peer = 'a' ORDER BY reason",
+            &[],
+        )
         .unwrap_or_else(|e| panic!("rejects: {}", db_error(&e)))
         .iter()
         .map(|r| r.get(0))
         .collect();
     reasons.sort();
-    assert_eq!(reasons, ["loop", "malformed", "no_route", "spoofed"], "rejects view");
+    assert_eq!(
+        reasons,
+        ["loop", "malformed", "no_route", "spoofed"],
+        "rejects view"
+    );
     let details: Vec<(String, String)> = au
-        .query("SELECT reason, detail FROM pgvpn.rejects WHERE peer = 'a'", &[])
+        .query(
+            "SELECT reason, detail FROM pgvpn.rejects WHERE peer = 'a'",
+            &[],
+        )
         .unwrap()
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect();
     eprintln!("reject samples: {details:?}");
-    assert!(details.iter().all(|(_, d)| !d.is_empty()), "every reject has a detail");
+    assert!(
+        details.iter().all(|(_, d)| !d.is_empty()),
+        "every reject has a detail"
+    );
 
     // Batch 2: many bad ones, every malformed variant, NULL, spoofed from nobody's address.
     let batch2: Vec<Option<Vec<u8>>> = vec![
@@ -771,30 +1055,79 @@ fn rejects_do_not_fail_good_packets_and_are_audited() {
         .get(0);
     assert_eq!(accepted, 2);
     // single-packet form
-    let one: i64 = a.query_one("SELECT pgvpn.send($1::bytea)", &[&bad::junk()]).unwrap().get(0);
-    assert_eq!(one, 0, "a malformed single packet is rejected, not an error");
-    let one: i64 = a.query_one("SELECT pgvpn.send($1::bytea)", &[&good[2]]).unwrap().get(0);
+    let one: i64 = a
+        .query_one("SELECT pgvpn.send($1::bytea)", &[&bad::junk()])
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        one, 0,
+        "a malformed single packet is rejected, not an error"
+    );
+    let one: i64 = a
+        .query_one("SELECT pgvpn.send($1::bytea)", &[&good[2]])
+        .unwrap()
+        .get(0);
     assert_eq!(one, 1);
     // an all-bad batch, and an empty batch
     assert_eq!(send(&mut a, &[bad::junk(), bad::empty()]), 0);
     assert_eq!(send(&mut a, &[]), 0);
 
-    let expect: BTreeMap<String, i64> = [("malformed", 1 + 6 + 1 + 2), ("spoofed", 1 + 2), ("no_route", 1 + 1), ("loop", 1 + 1)]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect();
-    assert_eq!(reject_totals(&mut au, "a"), expect, "reject totals per reason");
+    let expect: BTreeMap<String, i64> = [
+        ("malformed", 1 + 6 + 1 + 2),
+        ("spoofed", 1 + 2),
+        ("no_route", 1 + 1),
+        ("loop", 1 + 1),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    assert_eq!(
+        reject_totals(&mut au, "a"),
+        expect,
+        "reject totals per reason"
+    );
     let total: i64 = expect.values().sum();
-    assert_eq!(scalar_i64(&mut au, "SELECT rejected FROM pgvpn.peer_stats WHERE peer = 'a'"), total);
-    assert_eq!(scalar_i64(&mut au, "SELECT sent_packets FROM pgvpn.peer_stats WHERE peer = 'a'"), 6);
-    assert_eq!(scalar_i64(&mut au, "SELECT received_packets FROM pgvpn.peer_stats WHERE peer = 'b'"), 6);
-    assert_eq!(scalar_i64(&mut au, "SELECT rejected FROM pgvpn.peer_stats WHERE peer = 'b'"), 0);
+    assert_eq!(
+        scalar_i64(
+            &mut au,
+            "SELECT rejected FROM pgvpn.peer_stats WHERE peer = 'a'"
+        ),
+        total
+    );
+    assert_eq!(
+        scalar_i64(
+            &mut au,
+            "SELECT sent_packets FROM pgvpn.peer_stats WHERE peer = 'a'"
+        ),
+        6
+    );
+    assert_eq!(
+        scalar_i64(
+            &mut au,
+            "SELECT received_packets FROM pgvpn.peer_stats WHERE peer = 'b'"
+        ),
+        6
+    );
+    assert_eq!(
+        scalar_i64(
+            &mut au,
+            "SELECT rejected FROM pgvpn.peer_stats WHERE peer = 'b'"
+        ),
+        0
+    );
 
     // Only the good packets were logged and delivered, byte for byte.
     assert_eq!(scalar_i64(&mut au, "SELECT count(*) FROM pgvpn.packets"), 6);
     let mut b = cluster.connect("b", DB);
     let got: Vec<Vec<u8>> = recv(&mut b, 0, 1024).into_iter().map(|r| r.1).collect();
-    let want = vec![good[0].clone(), good[1].clone(), good[2].clone(), good[0].clone(), good[1].clone(), good[2].clone()];
+    let want = vec![
+        good[0].clone(),
+        good[1].clone(),
+        good[2].clone(),
+        good[0].clone(),
+        good[1].clone(),
+        good[2].clone(),
+    ];
     assert_eq!(got, want);
 }
 
@@ -813,7 +1146,13 @@ fn audit_columns_and_views() {
     let data = packet::tcp(A4, B4, 40001, 80, TCP_ACK, &[7u8; 1000]);
     let ping6 = packet::ping(A6, B6, 9, 3, b"hello");
     let udp = packet::udp(A4, B4, 5353, 53, b"q");
-    assert_eq!(send(&mut a, &[syn.clone(), data.clone(), ping6.clone(), udp.clone()]), 4);
+    assert_eq!(
+        send(
+            &mut a,
+            &[syn.clone(), data.clone(), ping6.clone(), udp.clone()]
+        ),
+        4
+    );
     assert_eq!(send(&mut b, std::slice::from_ref(&synack)), 1);
 
     let mut au = cluster.connect("auditor", DB);
@@ -824,24 +1163,123 @@ fn audit_columns_and_views() {
             &[],
         )
         .unwrap_or_else(|e| panic!("packet_log: {}", db_error(&e)));
-    type Row = (String, String, i32, String, String, i32, Option<i32>, Option<i32>, Option<i32>, Option<i32>, i32);
+    type Row = (
+        String,
+        String,
+        i32,
+        String,
+        String,
+        i32,
+        Option<i32>,
+        Option<i32>,
+        Option<i32>,
+        Option<i32>,
+        i32,
+    );
     let got: Vec<Row> = rows
         .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5), r.get(6), r.get(7), r.get(8), r.get(9), r.get(10)))
+        .map(|r| {
+            (
+                r.get(0),
+                r.get(1),
+                r.get(2),
+                r.get(3),
+                r.get(4),
+                r.get(5),
+                r.get(6),
+                r.get(7),
+                r.get(8),
+                r.get(9),
+                r.get(10),
+            )
+        })
         .collect();
     let s = |x: &str| x.to_string();
     let want: Vec<Row> = vec![
-        (s("a"), s("b"), 4, s(A4), s(B4), 6, Some(40001), Some(80), None, Some(2), syn.len() as i32),
-        (s("a"), s("b"), 4, s(A4), s(B4), 6, Some(40001), Some(80), None, Some(0x10), data.len() as i32),
-        (s("a"), s("b"), 6, s(A6), s(B6), 58, None, None, Some(128), None, ping6.len() as i32),
-        (s("a"), s("b"), 4, s(A4), s(B4), 17, Some(5353), Some(53), None, None, udp.len() as i32),
-        (s("b"), s("a"), 4, s(B4), s(A4), 6, Some(80), Some(40001), None, Some(0x12), synack.len() as i32),
+        (
+            s("a"),
+            s("b"),
+            4,
+            s(A4),
+            s(B4),
+            6,
+            Some(40001),
+            Some(80),
+            None,
+            Some(2),
+            syn.len() as i32,
+        ),
+        (
+            s("a"),
+            s("b"),
+            4,
+            s(A4),
+            s(B4),
+            6,
+            Some(40001),
+            Some(80),
+            None,
+            Some(0x10),
+            data.len() as i32,
+        ),
+        (
+            s("a"),
+            s("b"),
+            6,
+            s(A6),
+            s(B6),
+            58,
+            None,
+            None,
+            Some(128),
+            None,
+            ping6.len() as i32,
+        ),
+        (
+            s("a"),
+            s("b"),
+            4,
+            s(A4),
+            s(B4),
+            17,
+            Some(5353),
+            Some(53),
+            None,
+            None,
+            udp.len() as i32,
+        ),
+        (
+            s("b"),
+            s("a"),
+            4,
+            s(B4),
+            s(A4),
+            6,
+            Some(80),
+            Some(40001),
+            None,
+            Some(0x12),
+            synack.len() as i32,
+        ),
     ];
     assert_eq!(got, want, "packet_log columns");
     // The table itself has peer ids and the exact payload.
-    let payloads: Vec<Vec<u8>> =
-        au.query("SELECT payload FROM pgvpn.packets ORDER BY id", &[]).unwrap().iter().map(|r| r.get(0)).collect();
-    assert_eq!(payloads, vec![syn.clone(), data.clone(), ping6.clone(), udp.clone(), synack.clone()]);
+    let payloads: Vec<Vec<u8>> = au
+        .query("SELECT payload FROM pgvpn.packets ORDER BY id", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        payloads,
+        vec![
+            syn.clone(),
+            data.clone(),
+            ping6.clone(),
+            udp.clone(),
+            synack.clone()
+        ]
+    );
 
     // flows: the TCP flow a→b has 2 packets and their bytes.
     let f = au
@@ -851,7 +1289,10 @@ fn audit_columns_and_views() {
             &[],
         )
         .unwrap_or_else(|e| panic!("flows: {}", db_error(&e)));
-    assert_eq!((f.get::<_, i64>(0), f.get::<_, i64>(1)), (2, (syn.len() + data.len()) as i64));
+    assert_eq!(
+        (f.get::<_, i64>(0), f.get::<_, i64>(1)),
+        (2, (syn.len() + data.len()) as i64)
+    );
     assert_eq!(scalar_i64(&mut au, "SELECT count(*) FROM pgvpn.flows"), 4);
 
     // peer_stats
@@ -864,7 +1305,14 @@ fn audit_columns_and_views() {
         .unwrap_or_else(|e| panic!("peer_stats: {}", db_error(&e)));
     let sent_bytes = (syn.len() + data.len() + ping6.len() + udp.len()) as i64;
     assert_eq!(
-        (ps.get::<_, i64>(0), ps.get::<_, i64>(1), ps.get::<_, i64>(2), ps.get::<_, i64>(3), ps.get::<_, i64>(4), ps.get::<_, i64>(5)),
+        (
+            ps.get::<_, i64>(0),
+            ps.get::<_, i64>(1),
+            ps.get::<_, i64>(2),
+            ps.get::<_, i64>(3),
+            ps.get::<_, i64>(4),
+            ps.get::<_, i64>(5)
+        ),
         (4, sent_bytes, 1, synack.len() as i64, 0, 0)
     );
 
@@ -880,7 +1328,10 @@ fn audit_columns_and_views() {
     assert_eq!(j["protocol"], 58);
     assert_eq!(j["icmp_type"], 128);
     assert_eq!(j["length"], ping6.len());
-    let j: String = au.query_one("SELECT pgvpn.decode('\\x00'::bytea)::text", &[]).unwrap().get(0);
+    let j: String = au
+        .query_one("SELECT pgvpn.decode('\\x00'::bytea)::text", &[])
+        .unwrap()
+        .get(0);
     assert!(j.contains("error"), "decode of junk reports an error: {j}");
 }
 
@@ -894,7 +1345,12 @@ fn routing_longest_prefix_and_updates() {
     let mut admin = cluster.superuser(DB);
     cluster.create_login_role("gw");
     cluster.create_login_role("sub");
-    add_peer(&mut admin, "gw", "gw", &["198.18.2.0/24", "fd00:5067:7670:2::/64"]);
+    add_peer(
+        &mut admin,
+        "gw",
+        "gw",
+        &["198.18.2.0/24", "fd00:5067:7670:2::/64"],
+    );
     add_peer(&mut admin, "sub", "sub", &["198.18.2.128/25"]);
     let mut a = cluster.connect("a", DB);
     let mut gw = cluster.connect("gw", DB);
@@ -913,19 +1369,47 @@ fn routing_longest_prefix_and_updates() {
         4
     );
     // a has no IPv6 prefix: its IPv6 source is spoofed.
-    assert_eq!(send(&mut a, &[packet::ping("fd00:5067:7670:1::1", "fd00:5067:7670:2::9", 1, 1, b"")]), 0);
+    assert_eq!(
+        send(
+            &mut a,
+            &[packet::ping(
+                "fd00:5067:7670:1::1",
+                "fd00:5067:7670:2::9",
+                1,
+                1,
+                b""
+            )]
+        ),
+        0
+    );
     assert_eq!(tags(&recv(&mut gw, 0, 100)), ["r1", "r3"]);
     assert_eq!(tags(&recv(&mut sub, 0, 100)), ["r2", "r4"]);
     // gw may send from any address in its /24 except what sub owns more specifically.
-    assert_eq!(send(&mut gw, &[udp_tagged("198.18.2.77", A4, "from-gw")]), 1);
-    assert_eq!(send(&mut gw, &[udp_tagged("198.18.2.177", A4, "gw-as-sub")]), 0, "gw cannot use sub's addresses");
+    assert_eq!(
+        send(&mut gw, &[udp_tagged("198.18.2.77", A4, "from-gw")]),
+        1
+    );
+    assert_eq!(
+        send(&mut gw, &[udp_tagged("198.18.2.177", A4, "gw-as-sub")]),
+        0,
+        "gw cannot use sub's addresses"
+    );
     assert_eq!(tags(&recv(&mut a, 0, 100)), ["from-gw"]);
 
     // Move sub elsewhere: its old range falls back to gw.
     sql::set_allowed_ips(&mut admin, "sub", &["198.18.3.0/24"]);
     let last_gw = recv(&mut gw, 0, 100).last().unwrap().0;
     let last_sub = recv(&mut sub, 0, 100).last().unwrap().0;
-    assert_eq!(send(&mut a, &[udp_tagged(A4, "198.18.2.200", "r5"), udp_tagged(A4, "198.18.3.1", "r6")]), 2);
+    assert_eq!(
+        send(
+            &mut a,
+            &[
+                udp_tagged(A4, "198.18.2.200", "r5"),
+                udp_tagged(A4, "198.18.3.1", "r6")
+            ]
+        ),
+        2
+    );
     assert_eq!(tags(&recv(&mut gw, last_gw, 100)), ["r5"]);
     assert_eq!(tags(&recv(&mut sub, last_sub, 100)), ["r6"]);
 
@@ -933,7 +1417,10 @@ fn routing_longest_prefix_and_updates() {
     remove_peer(&mut admin, "gw");
     assert_eq!(send(&mut a, &[udp_tagged(A4, "198.18.2.5", "r7")]), 0);
     let mut su = cluster.superuser(DB);
-    let n = scalar_i64(&mut su, "SELECT packets FROM pgvpn.reject_totals WHERE peer = 'a' AND reason = 'no_route'");
+    let n = scalar_i64(
+        &mut su,
+        "SELECT packets FROM pgvpn.reject_totals WHERE peer = 'a' AND reason = 'no_route'",
+    );
     assert_eq!(n, 1);
 }
 
@@ -942,7 +1429,10 @@ fn routing_longest_prefix_and_updates() {
 // ---------------------------------------------------------------------------------------
 
 fn partitions(c: &mut Client) -> i64 {
-    scalar_i64(c, "SELECT count(*) FROM pg_inherits WHERE inhparent = 'pgvpn.packets'::regclass")
+    scalar_i64(
+        c,
+        "SELECT count(*) FROM pg_inherits WHERE inhparent = 'pgvpn.packets'::regclass",
+    )
 }
 
 #[test]
@@ -956,12 +1446,17 @@ fn prune_drops_old_chunks_and_sending_continues() {
 
     let mut a = cluster.connect("a", DB);
     let mut b = cluster.connect("b", DB);
-    let old: Vec<Vec<u8>> = (0..20).map(|i| udp_tagged(A4, B4, &format!("old{i}"))).collect();
+    let old: Vec<Vec<u8>> = (0..20)
+        .map(|i| udp_tagged(A4, B4, &format!("old{i}")))
+        .collect();
     assert_eq!(send(&mut a, &old), 20);
     let before = partitions(&mut su);
     eprintln!("partitions before pruning: {before}");
     assert!(before >= 1);
-    assert_eq!(scalar_i64(&mut su, "SELECT count(*) FROM pgvpn.packets"), 20);
+    assert_eq!(
+        scalar_i64(&mut su, "SELECT count(*) FROM pgvpn.packets"),
+        20
+    );
 
     // Prune repeatedly over a few seconds (each call rolls the open chunk once it is
     // older than chunk_interval and drops chunks closed longer ago than retention).
@@ -969,29 +1464,105 @@ fn prune_drops_old_chunks_and_sending_continues() {
     let mut max_parts = before;
     for _ in 0..3 {
         std::thread::sleep(Duration::from_millis(1300));
-        let d: i32 = su.query_one("SELECT pgvpn.prune()", &[]).unwrap_or_else(|e| panic!("prune: {}", db_error(&e))).get(0);
+        let d: i32 = su
+            .query_one("SELECT pgvpn.prune()", &[])
+            .unwrap_or_else(|e| panic!("prune: {}", db_error(&e)))
+            .get(0);
         dropped += d as i64;
         max_parts = max_parts.max(partitions(&mut su));
-        eprintln!("prune() dropped {d}; partitions now {}", partitions(&mut su));
+        eprintln!(
+            "prune() dropped {d}; partitions now {}",
+            partitions(&mut su)
+        );
     }
     let after = partitions(&mut su);
     assert!(dropped >= 1, "prune dropped no chunk");
-    assert!(max_parts > before || after < before, "prune rolled a new chunk");
-    assert!(after <= before, "old chunks dropped: before {before}, after {after}");
-    assert_eq!(scalar_i64(&mut su, "SELECT count(*) FROM pgvpn.packets"), 0, "old packets gone");
+    assert!(
+        max_parts > before || after < before,
+        "prune rolled a new chunk"
+    );
+    assert!(
+        after <= before,
+        "old chunks dropped: before {before}, after {after}"
+    );
+    assert_eq!(
+        scalar_i64(&mut su, "SELECT count(*) FROM pgvpn.packets"),
+        0,
+        "old packets gone"
+    );
 
     // New sends still work and are delivered.
-    let new: Vec<Vec<u8>> = (0..5).map(|i| udp_tagged(A4, B4, &format!("new{i}"))).collect();
+    let new: Vec<Vec<u8>> = (0..5)
+        .map(|i| udp_tagged(A4, B4, &format!("new{i}")))
+        .collect();
     assert_eq!(send(&mut a, &new), 5);
     let got = recv(&mut b, 0, 1024);
     assert_eq!(tags(&got), ["new0", "new1", "new2", "new3", "new4"]);
-    let ack: i64 = b.query_one("SELECT pgvpn.ack($1)", &[&got.last().unwrap().0]).unwrap().get(0);
+    let ack: i64 = b
+        .query_one("SELECT pgvpn.ack($1)", &[&got.last().unwrap().0])
+        .unwrap()
+        .get(0);
     assert_eq!(ack, got.last().unwrap().0);
     // The counters survive pruning.
-    assert_eq!(scalar_i64(&mut su, "SELECT sent_packets FROM pgvpn.peer_stats WHERE peer = 'a'"), 25);
+    assert_eq!(
+        scalar_i64(
+            &mut su,
+            "SELECT sent_packets FROM pgvpn.peer_stats WHERE peer = 'a'"
+        ),
+        25
+    );
     // An idle prune keeps exactly the one open chunk.
     std::thread::sleep(Duration::from_millis(1300));
     su.query_one("SELECT pgvpn.prune()", &[]).unwrap();
     assert!(partitions(&mut su) >= 1);
     assert_eq!(scalar_i64(&mut su, "SELECT count(*) FROM pgvpn.packets"), 5);
+}
+
+/// The open chunk has no per-row host-pair index (it halves small-packet throughput);
+/// prune() builds one per closed chunk, so audits by host pair stay indexed.
+#[test]
+fn closed_chunks_get_a_host_pair_index() {
+    let cluster = setup(&[("a", &[A4]), ("b", &[B4])]);
+    let mut su = cluster.superuser(DB);
+    su.batch_execute("SET pgvpn.retention = '1h'; SET pgvpn.chunk_interval = '1s'")
+        .unwrap();
+    let mut a = cluster.connect("a", DB);
+    let batch: Vec<Vec<u8>> = (0..50)
+        .map(|i| udp_tagged(A4, B4, &format!("p{i}")))
+        .collect();
+    assert_eq!(send(&mut a, &batch), 50);
+    let indexed = |su: &mut Client| {
+        scalar_i64(
+            su,
+            "SELECT count(*) FROM pgvpn.chunks c JOIN pg_index i ON i.indrelid = c.relid \
+                        JOIN pg_class x ON x.oid = i.indexrelid WHERE x.relname LIKE '%_hosts'",
+        )
+    };
+    assert_eq!(indexed(&mut su), 0, "the open chunk has no host-pair index");
+    std::thread::sleep(Duration::from_millis(1200));
+    su.query_one("SELECT pgvpn.prune()", &[]).unwrap(); // closes the chunk
+    assert_eq!(indexed(&mut su), 0, "not in the transaction that closed it");
+    su.query_one("SELECT pgvpn.prune()", &[]).unwrap(); // indexes it
+    assert_eq!(indexed(&mut su), 1);
+    su.query_one("SELECT pgvpn.prune()", &[]).unwrap();
+    assert_eq!(indexed(&mut su), 1, "built once");
+    su.batch_execute("SET enable_seqscan = off; SET enable_bitmapscan = on")
+        .unwrap();
+    let plan: Vec<String> = su
+        .query(
+            &format!("EXPLAIN SELECT * FROM pgvpn.packet_log WHERE src_addr = '{A4}' AND dst_addr = '{B4}'"),
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(
+        plan.iter().any(|l| l.contains("_hosts")),
+        "the audit uses the index: {plan:#?}"
+    );
+    assert_eq!(
+        scalar_i64(&mut su, &format!("SELECT count(*) FROM pgvpn.packet_log WHERE src_addr = '{A4}' AND dst_addr = '{B4}'")),
+        50
+    );
 }

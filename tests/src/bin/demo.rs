@@ -52,12 +52,25 @@ fn show_cmd(ns: &Netns, host: &str, argv: &[&str]) -> bool {
 /// Run a query through psql (as the auditor) and print its table.
 fn psql(cluster: &Cluster, title: &str, sql: &str) {
     println!("\n    \x1b[2m-- {title}\x1b[0m");
-    println!("    \x1b[2mvpn=> {}\x1b[0m", sql.split_whitespace().collect::<Vec<_>>().join(" "));
+    println!(
+        "    \x1b[2mvpn=> {}\x1b[0m",
+        sql.split_whitespace().collect::<Vec<_>>().join(" ")
+    );
     let out = Command::new("psql")
         .arg("-h")
         .arg(cluster.socket_dir())
         .args(["-p", &cluster.port().to_string(), "-U", "auditor", "-d", DB])
-        .args(["-X", "-P", "pager=off", "-P", "footer=on", "-v", "ON_ERROR_STOP=1", "-c", sql])
+        .args([
+            "-X",
+            "-P",
+            "pager=off",
+            "-P",
+            "footer=on",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+            sql,
+        ])
         .env("PGTZ", "UTC")
         .output()
         .expect("run psql");
@@ -65,7 +78,10 @@ fn psql(cluster: &Cluster, title: &str, sql: &str) {
         println!("      {line}");
     }
     if !out.status.success() {
-        println!("      (psql failed: {})", String::from_utf8_lossy(&out.stderr).trim());
+        println!(
+            "      (psql failed: {})",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
 }
 
@@ -80,7 +96,10 @@ fn check_prerequisites() -> Result<(), String> {
         ));
     }
     if !shim_path().exists() {
-        return Err(format!("pgvpn-shim is not built ({} is missing)", shim_path().display()));
+        return Err(format!(
+            "pgvpn-shim is not built ({} is missing)",
+            shim_path().display()
+        ));
     }
     for tool in ["ip", "ping", "iperf3", "psql", "runuser"] {
         let found = Command::new("sh")
@@ -127,8 +146,18 @@ fn tour() {
     cluster.create_login_role("alice");
     cluster.create_login_role("bob");
     let mut admin = cluster.superuser(DB);
-    let a = add_peer(&mut admin, "alice", "alice", &["198.18.0.1/32", "fd00:5067:7670::1/128"]);
-    let b = add_peer(&mut admin, "bob", "bob", &["198.18.0.2/32", "fd00:5067:7670::2/128"]);
+    let a = add_peer(
+        &mut admin,
+        "alice",
+        "alice",
+        &["198.18.0.1/32", "fd00:5067:7670::1/128"],
+    );
+    let b = add_peer(
+        &mut admin,
+        "bob",
+        "bob",
+        &["198.18.0.2/32", "fd00:5067:7670::2/128"],
+    );
     say(&format!(
         "SELECT pgvpn.add_peer('alice', 'alice', '{{198.18.0.1/32,fd00:5067:7670::1/128}}');  -- peer {a}\n\
          SELECT pgvpn.add_peer('bob',   'bob',   '{{198.18.0.2/32,fd00:5067:7670::2/128}}');  -- peer {b}\n\
@@ -157,14 +186,26 @@ fn tour() {
         ns_a.name(),
         ns_b.name()
     ));
-    show_cmd(&ns_a, "alice", &["ip", "-brief", "address", "show", "dev", TUN]);
+    show_cmd(
+        &ns_a,
+        "alice",
+        &["ip", "-brief", "address", "show", "dev", TUN],
+    );
     if interrupted() {
         return;
     }
 
     step("Ping across the database");
-    show_cmd(&ns_a, "alice", &["ping", "-c", "4", "-i", "0.3", "198.18.0.2"]);
-    show_cmd(&ns_b, "bob", &["ping", "-6", "-c", "3", "-i", "0.3", "fd00:5067:7670::1"]);
+    show_cmd(
+        &ns_a,
+        "alice",
+        &["ping", "-c", "4", "-i", "0.3", "198.18.0.2"],
+    );
+    show_cmd(
+        &ns_b,
+        "bob",
+        &["ping", "-6", "-c", "3", "-i", "0.3", "fd00:5067:7670::1"],
+    );
     if interrupted() {
         return;
     }
@@ -176,13 +217,23 @@ fn tour() {
     let out = ns_a.exec(&["iperf3", "-c", "198.18.0.2", "-t", "5", "-f", "m"]);
     let text = String::from_utf8_lossy(&out.stdout);
     // The summary: the lines after the last separator.
-    let summary: Vec<&str> = text.lines().skip_while(|l| !l.starts_with("- - -")).collect();
-    let shown = if summary.is_empty() { text.lines().collect() } else { summary };
+    let summary: Vec<&str> = text
+        .lines()
+        .skip_while(|l| !l.starts_with("- - -"))
+        .collect();
+    let shown = if summary.is_empty() {
+        text.lines().collect()
+    } else {
+        summary
+    };
     for line in shown {
         println!("      {line}");
     }
     if !out.status.success() {
-        println!("      (iperf3 failed: {})", String::from_utf8_lossy(&out.stderr).trim());
+        println!(
+            "      (iperf3 failed: {})",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     drop(server);
     if interrupted() {
@@ -190,11 +241,30 @@ fn tour() {
     }
 
     step("Packets the database refuses");
-    say("Alice pings 198.18.0.99, inside her /24 but owned by no peer (no_route),\n\
-         then pings bob from a forged source address 198.18.0.50 (spoofed).");
-    show_cmd(&ns_a, "alice", &["ping", "-c", "2", "-W", "1", "198.18.0.99"]);
+    say(
+        "Alice pings 198.18.0.99, inside her /24 but owned by no peer (no_route),\n\
+         then pings bob from a forged source address 198.18.0.50 (spoofed).",
+    );
+    show_cmd(
+        &ns_a,
+        "alice",
+        &["ping", "-c", "2", "-W", "1", "198.18.0.99"],
+    );
     ns_a.ip(&["addr", "add", "198.18.0.50/32", "dev", TUN]);
-    show_cmd(&ns_a, "alice", &["ping", "-c", "2", "-W", "1", "-I", "198.18.0.50", "198.18.0.2"]);
+    show_cmd(
+        &ns_a,
+        "alice",
+        &[
+            "ping",
+            "-c",
+            "2",
+            "-W",
+            "1",
+            "-I",
+            "198.18.0.50",
+            "198.18.0.2",
+        ],
+    );
     std::thread::sleep(Duration::from_millis(300));
     if interrupted() {
         return;
@@ -227,7 +297,11 @@ fn tour() {
         "rejected packets (a sample with details; reject_totals counts them all)",
         "SELECT at::time(0) AS at, peer, reason, detail FROM pgvpn.rejects ORDER BY rejects.at DESC LIMIT 10",
     );
-    psql(&cluster, "rejects per reason", "SELECT * FROM pgvpn.reject_totals ORDER BY peer, reason");
+    psql(
+        &cluster,
+        "rejects per reason",
+        "SELECT * FROM pgvpn.reject_totals ORDER BY peer, reason",
+    );
 
     step("Tearing everything down");
     for (name, shim) in [("alice", &mut shim_a), ("bob", &mut shim_b)] {

@@ -37,7 +37,11 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("tcp-recv") => tcp_recv(arg(&args, 1, "address")),
-        Some("tcp-send") => tcp_send(arg(&args, 1, "address"), arg(&args, 2, "bytes"), arg(&args, 3, "seed")),
+        Some("tcp-send") => tcp_send(
+            arg(&args, 1, "address"),
+            arg(&args, 2, "bytes"),
+            arg(&args, 3, "seed"),
+        ),
         Some("udp-recv") => udp_recv(
             arg(&args, 1, "address"),
             arg(&args, 2, "count"),
@@ -110,7 +114,10 @@ fn tcp_send(addr: SocketAddr, bytes: u64, seed: u64) {
     let mut sink = [0u8; 16];
     let _ = s.read(&mut sink);
     let secs = start.elapsed().as_secs_f64();
-    println!("{}", serde_json::json!({"bytes": bytes, "sha256": hex(&h.finalize()), "seconds": secs}));
+    println!(
+        "{}",
+        serde_json::json!({"bytes": bytes, "sha256": hex(&h.finalize()), "seconds": secs})
+    );
 }
 
 fn force_rcvbuf(sock: &UdpSocket, bytes: i32) {
@@ -130,7 +137,8 @@ fn force_rcvbuf(sock: &UdpSocket, bytes: i32) {
 fn udp_recv(addr: SocketAddr, count: u32, idle_ms: u64, tag: u32) {
     let sock = UdpSocket::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
     force_rcvbuf(&sock, 64 << 20);
-    sock.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
     eprintln!("listening on {addr}");
     let mut seen = vec![0u32; count as usize];
     let (mut distinct, mut total, mut foreign, mut out_of_order) = (0u32, 0u64, 0u64, 0u64);
@@ -161,7 +169,11 @@ fn udp_recv(addr: SocketAddr, count: u32, idle_ms: u64, tag: u32) {
                 last_new = Instant::now();
             }
             Ok(_) => foreign += 1,
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                ) => {}
             Err(e) => panic!("recv: {e}"),
         }
         if last_new.elapsed() >= idle {
@@ -183,7 +195,13 @@ fn udp_recv(addr: SocketAddr, count: u32, idle_ms: u64, tag: u32) {
 }
 
 fn udp_send(addr: SocketAddr, count: u32, pps: u32, size: usize, tag: u32) {
-    let bind: SocketAddr = if addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().unwrap();
+    let bind: SocketAddr = if addr.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    }
+    .parse()
+    .unwrap();
     let sock = UdpSocket::bind(bind).expect("bind");
     sock.connect(addr).expect("connect");
     let size = size.max(8);

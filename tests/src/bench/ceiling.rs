@@ -1,0 +1,129 @@
+//! The database ceiling: the same packets straight into `pgvpn.send` from one client, no
+//! tun, no shim — as peer alice, batches of 256 valid IPv4/UDP packets from alice's
+//! address to bob's, each call its own (durable) transaction; then `pgvpn.recv` reads
+//! them back as bob, 1024 per page.
+
+use super::topology::{ALICE, BOB, DB};
+use super::{check_interrupt, Result};
+use pgvpn_tests::sql::{recv, scalar_i64, send};
+use pgvpn_tests::{db_error, packet, Cluster, Rng};
+use std::time::{Duration, Instant};
+
+pub const BATCH: usize = 256;
+pub const PAGE: i32 = 1024;
+
+#[derive(Clone, Debug)]
+pub struct Ceiling {
+    /// IP packet size in bytes.
+    pub size: usize,
+    pub sent: u64,
+    pub send_secs: f64,
+    pub received: u64,
+    pub recv_secs: f64,
+}
+
+impl Ceiling {
+    pub fn send_pps(&self) -> f64 {
+        self.sent as f64 / self.send_secs
+    }
+    pub fn send_mbit(&self) -> f64 {
+        self.send_pps() * self.size as f64 * 8.0 / 1e6
+    }
+    pub fn recv_pps(&self) -> f64 {
+        self.received as f64 / self.recv_secs
+    }
+}
+
+/// One batch of `BATCH` UDP packets of `size` bytes (IP header included), random payloads.
+pub fn batch(size: usize) -> Vec<Vec<u8>> {
+    assert!(size >= 28, "an IPv4/UDP packet has 28 bytes of headers");
+    let mut rng = Rng::new(size as u64);
+    (0..BATCH)
+        .map(|i| {
+            let mut payload = vec![0u8; size - 28];
+            rng.fill(&mut payload);
+            packet::udp(ALICE, BOB, 40000 + (i % 64) as u16, 9, &payload)
+        })
+        .collect()
+}
+
+/// Send for `secs`, then read back for at most `secs`. Afterwards bob's cursor is moved
+/// past everything sent, so bob's shim starts the next session with nothing queued.
+pub fn measure(cluster: &Cluster, size: usize, secs: f64) -> Result<Ceiling> {
+    let packets = batch(size);
+    let mut alice = cluster.connect("alice", DB);
+    let mut bob = cluster.connect("bob", DB);
+    let start_cursor = scalar_i64(&mut bob, "SELECT pgvpn.cursor()");
+
+    let limit = Duration::from_secs_f64(secs);
+    let t = Instant::now();
+    let mut sent = 0u64;
+    while t.elapsed() < limit {
+        check_interrupt()?;
+        let n = send(&mut alice, &packets);
+        if n != BATCH as i64 {
+            return Err(format!("pgvpn.send accepted {n} of {BATCH} packets"));
+        }
+        sent += BATCH as u64;
+    }
+    let send_secs = t.elapsed().as_secs_f64();
+
+    let t = Instant::now();
+    let (mut after, mut received, mut drained) = (start_cursor, 0u64, false);
+    while t.elapsed() < limit {
+        check_interrupt()?;
+        let page = recv(&mut bob, after, PAGE);
+        let Some((last, _)) = page.last() else {
+            drained = true;
+            break;
+        };
+        if let Some((_, p)) = page.iter().find(|(_, p)| p.len() != size) {
+            return Err(format!(
+                "pgvpn.recv returned a {}-byte packet, expected {size}",
+                p.len()
+            ));
+        }
+        after = *last;
+        received += page.len() as u64;
+    }
+    let recv_secs = t.elapsed().as_secs_f64();
+    if drained && received != sent {
+        return Err(format!("sent {sent} packets but bob received {received}"));
+    }
+
+    let newest = scalar_i64(
+        &mut cluster.superuser(DB),
+        "SELECT last_value FROM pgvpn.packet_id",
+    );
+    bob.execute("SELECT pgvpn.ack($1)", &[&newest])
+        .map_err(|e| format!("pgvpn.ack: {}", db_error(&e)))?;
+    Ok(Ceiling {
+        size,
+        sent,
+        send_secs,
+        received,
+        recv_secs,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_packets_are_valid_udp_of_the_size() {
+        for size in [1400, 16000] {
+            let b = batch(size);
+            assert_eq!(b.len(), BATCH);
+            for p in &b {
+                assert_eq!(p.len(), size);
+                let s = packet::parse(p).expect("parses");
+                assert_eq!(
+                    (s.src.to_string().as_str(), s.dst.to_string().as_str()),
+                    (ALICE, BOB)
+                );
+                assert_eq!(s.protocol, packet::PROTO_UDP);
+            }
+        }
+    }
+}

@@ -1,0 +1,95 @@
+//! The `bench` binary (`make bench`): how fast pgvpn moves packets on this box, what it
+//! costs, and how that compares with a plain veth pair and with the database alone.
+//!
+//! * `topology` — the two ways from host A to host B: the tunnel (cluster + two shims) and
+//!   the direct reference (a veth pair between two namespaces).
+//! * `measure`  — iperf3 (TCP, UDP) and ping runners and their parsers.
+//! * `ceiling`  — `pgvpn.send` / `pgvpn.recv` from one client, no tun involved.
+//! * `cpu`      — CPU seconds from /proc (the PostgreSQL process tree, a shim).
+//! * `logcheck` — one log row per packet that crossed the tunnel.
+//! * `plan`     — what one run measures, in which order.
+//! * `report`   — medians, the table, the JSON file.
+//!
+//! Everything runs in network namespaces this program creates (no veth to the root
+//! namespace, no default route, 198.18.0.0/15 only); the database is reached through its
+//! unix socket. Drop guards tear everything down, also on a panic or Ctrl-C.
+
+pub mod ceiling;
+pub mod cpu;
+pub mod logcheck;
+pub mod measure;
+pub mod plan;
+pub mod report;
+pub mod topology;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Measurement errors are plain messages: a benchmark reports them and goes on.
+pub type Result<T> = std::result::Result<T, String>;
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// SIGINT / SIGTERM only set a flag; the long waits poll it and unwind normally, so the
+/// Drop guards clean up. (On Ctrl-C the terminal also signals our children directly.)
+pub fn install_signal_handlers() {
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+}
+
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
+
+/// `Err("interrupted")` once a signal arrived.
+pub fn check_interrupt() -> Result<()> {
+    if interrupted() {
+        Err("interrupted".into())
+    } else {
+        Ok(())
+    }
+}
+
+/// Sleep in small steps, returning early (with an error) when interrupted.
+pub fn sleep(d: std::time::Duration) -> Result<()> {
+    let end = std::time::Instant::now() + d;
+    loop {
+        check_interrupt()?;
+        let left = end.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Ok(());
+        }
+        std::thread::sleep(left.min(std::time::Duration::from_millis(50)));
+    }
+}
+
+/// A scratch directory for tool output, removed on drop (kept with `PGVPN_KEEP_LOGS`).
+pub struct Scratch(PathBuf);
+
+impl Scratch {
+    pub fn new() -> Scratch {
+        let p = std::env::temp_dir().join(format!("pgvpn-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&p).unwrap_or_else(|e| panic!("create {}: {e}", p.display()));
+        Scratch(p)
+    }
+
+    /// A fresh file name in the directory.
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.0
+            .join(format!("{}-{name}", pgvpn_tests::util::next_id()))
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if std::env::var_os("PGVPN_KEEP_LOGS").is_none() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
