@@ -28,7 +28,9 @@ fn recv(
     max_packets: default!(i32, 1024),
     wait_ms: default!(i32, 0),
 ) -> TableIterator<'static, (name!(id, i64), name!(payload, Vec<u8>))> {
-    TableIterator::new(or_raise(recv_page(after_id, max_packets, wait_ms)))
+    TableIterator::new(or_raise(plans::generic(|| {
+        recv_page(after_id, max_packets, wait_ms)
+    })))
 }
 
 /// Longest long poll: keeps a waiting statement (and its snapshot) short-lived.
@@ -110,7 +112,7 @@ const LAST_ID_SQL: &str = "SELECT last_value FROM pgvpn.packet_id";
 #[pg_extern(security_definer, volatile, parallel_unsafe)]
 #[search_path(pg_catalog, pgvpn, pg_temp)]
 fn ack(upto_id: i64) -> i64 {
-    or_raise(store_cursor(upto_id))
+    or_raise(plans::generic(|| store_cursor(upto_id)))
 }
 
 fn store_cursor(upto_id: i64) -> Result<i64> {
@@ -142,20 +144,22 @@ const CURSOR_SQL: &str = "SELECT acked_id FROM pgvpn.cursors WHERE peer = $1";
 #[pg_extern(security_definer, stable, parallel_unsafe)]
 #[search_path(pg_catalog, pgvpn, pg_temp)]
 fn cursor() -> i64 {
-    or_raise(Spi::connect(|client| {
-        let me = peers::caller(client)?;
-        let plan = plans::get(
-            &CURSOR,
-            client,
-            CURSOR_SQL,
-            &[PgOid::from(pg_sys::INT4OID)],
-            false,
-        )?;
-        Ok(client
-            .select(plan, Some(1), &[me.id.into()])?
-            .first()
-            .get::<i64>(1)?
-            .unwrap_or(0))
+    or_raise(plans::generic(|| {
+        Spi::connect(|client| {
+            let me = peers::caller(client)?;
+            let plan = plans::get(
+                &CURSOR,
+                client,
+                CURSOR_SQL,
+                &[PgOid::from(pg_sys::INT4OID)],
+                false,
+            )?;
+            Ok(client
+                .select(plan, Some(1), &[me.id.into()])?
+                .first()
+                .get::<i64>(1)?
+                .unwrap_or(0))
+        })
     }))
 }
 
@@ -164,7 +168,7 @@ fn cursor() -> i64 {
 #[pg_extern(security_definer, stable, parallel_unsafe)]
 #[search_path(pg_catalog, pgvpn, pg_temp)]
 fn channel() -> String {
-    or_raise(Spi::connect(|client| {
-        Ok(channel_of(&peers::caller(client)?.name))
+    or_raise(plans::generic(|| {
+        Spi::connect(|client| Ok(channel_of(&peers::caller(client)?.name)))
     }))
 }

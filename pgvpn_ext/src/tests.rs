@@ -153,6 +153,17 @@ mod tests {
         );
     }
 
+    #[pg_test]
+    fn the_callers_plan_cache_mode_is_left_alone() {
+        three_peers();
+        sql("SET plan_cache_mode = force_custom_plan");
+        as_role("alice");
+        send(&[udp4(ALICE, BOB, b"x")]);
+        as_role("bob");
+        recv_payloads(0);
+        assert_eq!(one::<String>("SHOW plan_cache_mode"), "force_custom_plan");
+    }
+
     #[pg_test(error = "wait_ms must be between 0 and 60000, got -1")]
     fn recv_rejects_a_negative_wait() {
         three_peers();
