@@ -22,13 +22,12 @@ const RECV_SQL: &str = "SELECT id, payload FROM pgvpn.packets \
 /// ends within microseconds of the commit and costs nothing while idle. (The
 /// notification itself still reaches the client afterwards; a shim may ignore it.)
 #[pg_extern(security_definer, volatile, parallel_unsafe)]
-#[search_path(pg_catalog, pgvpn, pg_temp)]
 fn recv(
     after_id: i64,
     max_packets: default!(i32, 1024),
     wait_ms: default!(i32, 0),
 ) -> TableIterator<'static, (name!(id, i64), name!(payload, Vec<u8>))> {
-    TableIterator::new(or_raise(plans::generic(|| {
+    TableIterator::new(or_raise(plans::isolated(|| {
         recv_page(after_id, max_packets, wait_ms)
     })))
 }
@@ -50,7 +49,7 @@ fn recv_page(after_id: i64, max_packets: i32, wait_ms: i32) -> Result<Vec<(i64, 
         });
     }
     let deadline = Instant::now() + Duration::from_millis(wait_ms as u64);
-    let me = Spi::connect(|client| peers::caller(client))?;
+    let me = Spi::connect(peers::caller)?;
     loop {
         // A fresh snapshot each time round (a mutating plan is not run read-only), so
         // packets committed while we waited are seen.
@@ -110,9 +109,8 @@ const LAST_ID_SQL: &str = "SELECT last_value FROM pgvpn.packet_id";
 /// handled. It only moves forward, and cannot point past the newest packet id (a typo
 /// there would silently skip packets not yet sent).
 #[pg_extern(security_definer, volatile, parallel_unsafe)]
-#[search_path(pg_catalog, pgvpn, pg_temp)]
 fn ack(upto_id: i64) -> i64 {
-    or_raise(plans::generic(|| store_cursor(upto_id)))
+    or_raise(plans::isolated(|| store_cursor(upto_id)))
 }
 
 fn store_cursor(upto_id: i64) -> Result<i64> {
@@ -142,9 +140,8 @@ const CURSOR_SQL: &str = "SELECT acked_id FROM pgvpn.cursors WHERE peer = $1";
 
 /// The calling peer's stored cursor (0 before the first ack): where a restarted shim resumes.
 #[pg_extern(security_definer, stable, parallel_unsafe)]
-#[search_path(pg_catalog, pgvpn, pg_temp)]
 fn cursor() -> i64 {
-    or_raise(plans::generic(|| {
+    or_raise(plans::isolated(|| {
         Spi::connect(|client| {
             let me = peers::caller(client)?;
             let plan = plans::get(
@@ -166,9 +163,8 @@ fn cursor() -> i64 {
 /// The calling peer's LISTEN channel: `pgvpn_<peer name>`. One notification arrives per
 /// committed transaction that sent it packets.
 #[pg_extern(security_definer, stable, parallel_unsafe)]
-#[search_path(pg_catalog, pgvpn, pg_temp)]
 fn channel() -> String {
-    or_raise(plans::generic(|| {
+    or_raise(plans::isolated(|| {
         Spi::connect(|client| Ok(channel_of(&peers::caller(client)?.name)))
     }))
 }

@@ -42,16 +42,34 @@ pub fn get(
     Ok(kept)
 }
 
-/// Runs `f` with `plan_cache_mode = force_generic_plan`, restored afterwards (also when
-/// `f` raises an ERROR). Our statements touch the partitioned log with parameters; left
-/// to itself the plan cache judges the generic plan (all chunks, pruned at run time)
-/// costlier than a custom one and re-plans on every call — measured at ~5-10% of a busy
-/// backend's CPU. The generic plan prunes just as well at executor start.
-pub fn generic<R>(f: impl FnOnce() -> R) -> R {
-    use pgrx::pg_sys::PlanCacheMode::PLAN_CACHE_MODE_FORCE_GENERIC_PLAN;
-    let saved = unsafe { pgrx::pg_sys::plan_cache_mode };
-    unsafe { pgrx::pg_sys::plan_cache_mode = PLAN_CACHE_MODE_FORCE_GENERIC_PLAN as i32 };
+/// Runs `f`, one API call's statements, in a fixed environment:
+///
+/// * `search_path` is just `pg_catalog` (no temp schema). The API functions are SECURITY
+///   DEFINER; their statements must never resolve a name to an object a caller planted.
+///   The plan cache remembers this path with each saved plan and would re-parse if it
+///   differed at execution, so it is pushed around every call. This replaces a
+///   per-function `SET search_path`, whose GUC save/restore cost ~7% of a busy
+///   backend's CPU. All our SQL names pgvpn objects with their schema.
+/// * `plan_cache_mode = force_generic_plan`: our statements touch the partitioned log
+///   with parameters; left to itself the plan cache judges the generic plan (all chunks,
+///   pruned at executor start) costlier than a custom one and re-plans on every call.
+///
+/// Both are restored afterwards, also when `f` raises an ERROR.
+pub fn isolated<R>(f: impl FnOnce() -> R) -> R {
+    use pgrx::pg_sys::{self, PlanCacheMode::PLAN_CACHE_MODE_FORCE_GENERIC_PLAN};
+    let saved_mode = unsafe { pg_sys::plan_cache_mode };
+    unsafe {
+        pg_sys::plan_cache_mode = PLAN_CACHE_MODE_FORCE_GENERIC_PLAN as i32;
+        let path = pg_sys::GetOverrideSearchPath(pg_sys::CurrentMemoryContext);
+        (*path).schemas = std::ptr::null_mut();
+        (*path).addCatalog = true;
+        (*path).addTemp = false;
+        pg_sys::PushOverrideSearchPath(path);
+    }
     pgrx::PgTryBuilder::new(std::panic::AssertUnwindSafe(f))
-        .finally(|| unsafe { pgrx::pg_sys::plan_cache_mode = saved })
+        .finally(|| unsafe {
+            pg_sys::PopOverrideSearchPath();
+            pg_sys::plan_cache_mode = saved_mode;
+        })
         .execute()
 }

@@ -31,16 +31,14 @@ const SAMPLES_PER_BATCH: usize = 8;
 const SAMPLE_HEAD: usize = 128;
 
 #[pg_extern(security_definer, volatile, parallel_unsafe)]
-#[search_path(pg_catalog, pgvpn, pg_temp)]
 fn send(packets: Array<&[u8]>) -> i64 {
     let batch: Vec<Option<&[u8]>> = packets.iter().collect();
-    crate::error::or_raise(plans::generic(|| send_batch(&batch)))
+    crate::error::or_raise(plans::isolated(|| send_batch(&batch)))
 }
 
 #[pg_extern(name = "send", security_definer, volatile, parallel_unsafe)]
-#[search_path(pg_catalog, pgvpn, pg_temp)]
 fn send_one(packet: &[u8]) -> i64 {
-    crate::error::or_raise(plans::generic(|| send_batch(&[Some(packet)])))
+    crate::error::or_raise(plans::isolated(|| send_batch(&[Some(packet)])))
 }
 
 /// The accepted packets of a batch, column by column, ready for `unnest`.

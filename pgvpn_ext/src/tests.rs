@@ -154,6 +154,24 @@ mod tests {
     }
 
     #[pg_test]
+    fn a_callers_search_path_cannot_hijack_the_api() {
+        three_peers();
+        sql("CREATE SCHEMA evil; GRANT USAGE ON SCHEMA evil TO PUBLIC;
+             CREATE FUNCTION evil.nextval(text) RETURNS bigint LANGUAGE plpgsql
+                 AS $$ BEGIN RAISE EXCEPTION 'hijacked nextval'; END $$;
+             CREATE FUNCTION evil.statement_timestamp() RETURNS timestamptz LANGUAGE plpgsql
+                 AS $$ BEGIN RAISE EXCEPTION 'hijacked statement_timestamp'; END $$;
+             GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA evil TO PUBLIC;");
+        as_role("alice");
+        sql("SET search_path = evil, pg_catalog");
+        assert_eq!(send(&[udp4(ALICE, BOB, b"x")]), 1);
+        as_role("bob");
+        sql("SET search_path = evil, pg_catalog");
+        assert_eq!(recv_payloads(0).len(), 1);
+        assert_eq!(one::<String>("SHOW search_path"), "evil, pg_catalog", "restored");
+    }
+
+    #[pg_test]
     fn the_callers_plan_cache_mode_is_left_alone() {
         three_peers();
         sql("SET plan_cache_mode = force_custom_plan");

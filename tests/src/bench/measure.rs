@@ -111,9 +111,11 @@ impl Iperf {
         Iperf::start(h, &[], seconds)
     }
 
-    /// `iperf3 -c ADDR -u -b 0 -l SIZE -t S -J`: UDP at unlimited rate.
-    pub fn udp(h: &Hosts, size: usize, seconds: u64) -> Result<Iperf> {
-        Iperf::start(h, &["-u", "-b", "0", "-l", &size.to_string()], seconds)
+    /// `iperf3 -c ADDR -u -b RATE -l SIZE -t S -J`: UDP at `pps` datagrams per second
+    /// offered, or as fast as the sender can (`None`, `-b 0`).
+    pub fn udp(h: &Hosts, size: usize, pps: Option<u64>, seconds: u64) -> Result<Iperf> {
+        let rate = pps.map_or("0".to_string(), |p| (p * size as u64 * 8).to_string());
+        Iperf::start(h, &["-u", "-b", &rate, "-l", &size.to_string()], seconds)
     }
 
     fn start(h: &Hosts, extra: &[&str], seconds: u64) -> Result<Iperf> {
@@ -206,8 +208,8 @@ pub fn parse_udp(v: &Value) -> Result<Udp> {
     })
 }
 
-pub fn udp(h: &Hosts, size: usize, seconds: u64) -> Result<Udp> {
-    parse_udp(&Iperf::udp(h, size, seconds)?.finish()?)
+pub fn udp(h: &Hosts, size: usize, pps: Option<u64>, seconds: u64) -> Result<Udp> {
+    parse_udp(&Iperf::udp(h, size, pps, seconds)?.finish()?)
 }
 
 /// `ping -c COUNT -i INTERVAL` in the background.
