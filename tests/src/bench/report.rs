@@ -165,6 +165,14 @@ impl Table<'_> {
         );
         self.row(
             &mut o,
+            "UDP 64 B, 100k/s offered",
+            "udp64_paced",
+            "pps",
+            Some("loss_pct"),
+            false,
+        );
+        self.row(
+            &mut o,
             "ping idle p50/p99 ms",
             "ping_idle",
             "p50_ms",
