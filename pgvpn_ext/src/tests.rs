@@ -168,7 +168,11 @@ mod tests {
         as_role("bob");
         sql("SET search_path = evil, pg_catalog");
         assert_eq!(recv_payloads(0).len(), 1);
-        assert_eq!(one::<String>("SHOW search_path"), "evil, pg_catalog", "restored");
+        assert_eq!(
+            one::<String>("SHOW search_path"),
+            "evil, pg_catalog",
+            "restored"
+        );
     }
 
     #[pg_test]

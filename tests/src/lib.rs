@@ -26,3 +26,35 @@ pub use cluster::{db_error, extension_available, quote_ident, quote_literal, sql
 pub use netns::{Bg, Netns};
 pub use shim::{shim_path, Shim, ShimSpec};
 pub use util::{is_root, wait_for, Rng};
+
+/// What the demo and the bench need before they start: root, the extension installed,
+/// the shim built, and these command-line tools. `who` names the caller in messages.
+pub fn check_prerequisites(who: &str, tools: &[&str]) -> Result<(), String> {
+    if !util::is_root() {
+        return Err(format!(
+            "{who} needs root (network namespaces and tun devices)"
+        ));
+    }
+    if !cluster::extension_available() {
+        return Err(format!(
+            "the pgvpn extension is not installed ({} is missing)",
+            cluster::extension_control_file().display()
+        ));
+    }
+    if !shim_path().exists() {
+        return Err(format!(
+            "pgvpn-shim is not built ({} is missing)",
+            shim_path().display()
+        ));
+    }
+    for tool in tools {
+        let found = std::process::Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !found {
+            return Err(format!("`{tool}` is not installed"));
+        }
+    }
+    Ok(())
+}

@@ -1573,8 +1573,13 @@ fn closed_chunks_get_a_host_pair_index() {
 fn session_settings_survive_api_errors() {
     let cluster = setup(&[("a", &[A4]), ("b", &[B4])]);
     let mut b = cluster.connect("b", DB);
-    b.batch_execute("SET plan_cache_mode = force_custom_plan").unwrap();
-    expect_sqlstate(b.query("SELECT * FROM pgvpn.recv(0, 10, -1)", &[]), "22023", "bad wait");
+    b.batch_execute("SET plan_cache_mode = force_custom_plan")
+        .unwrap();
+    expect_sqlstate(
+        b.query("SELECT * FROM pgvpn.recv(0, 10, -1)", &[]),
+        "22023",
+        "bad wait",
+    );
     let mode: String = b.query_one("SHOW plan_cache_mode", &[]).unwrap().get(0);
     assert_eq!(mode, "force_custom_plan");
     assert!(recv(&mut b, 0, 10).is_empty());

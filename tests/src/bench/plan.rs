@@ -244,7 +244,9 @@ fn suite(
     if full {
         // Unlimited (the sender itself then takes a core of the two), and paced at the
         // 100k packets/s target for 64-byte datagrams.
-        let cases = UDP_SIZES.iter().map(|&size| (size, None, format!("udp{size}")));
+        let cases = UDP_SIZES
+            .iter()
+            .map(|&size| (size, None, format!("udp{size}")));
         let paced = std::iter::once((64, Some(UDP_PACED_PPS), "udp64_paced".to_string()));
         for (size, pps, key) in cases.chain(paced) {
             let what = format!("{link} UDP {size} B");

@@ -17,8 +17,7 @@ use bench::plan::{self, RunResult, Settings};
 use bench::report::{self, Env, Table};
 use bench::topology::{Direct, Tunnel, BENCH_CONF, DB};
 use bench::{interrupted, Scratch};
-use pgvpn_tests::{cluster, shim_path, util};
-use std::process::Command;
+use pgvpn_tests::util;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 const USAGE: &str = "usage: bench [--runs N] [--seconds S] [--quick] [--jumbo-mtu M]
@@ -63,33 +62,6 @@ fn parse_args(args: &[String]) -> Result<Settings, String> {
     Ok(s)
 }
 
-fn prerequisites() -> Result<(), String> {
-    if !util::is_root() {
-        return Err("bench needs root (network namespaces, tun devices)".into());
-    }
-    if !cluster::extension_available() {
-        return Err(format!(
-            "the pgvpn extension is not installed ({} is missing)",
-            cluster::extension_control_file().display()
-        ));
-    }
-    if !shim_path().exists() {
-        return Err(format!(
-            "pgvpn-shim is not built ({} is missing)",
-            shim_path().display()
-        ));
-    }
-    for tool in ["ip", "ss", "ping", "iperf3", "runuser"] {
-        let found = Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .output();
-        if !found.map(|o| o.status.success()).unwrap_or(false) {
-            return Err(format!("`{tool}` is not installed"));
-        }
-    }
-    Ok(())
-}
-
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let settings = parse_args(&args).unwrap_or_else(|e| {
@@ -99,7 +71,9 @@ fn main() {
         eprintln!("{USAGE}");
         std::process::exit(if e.is_empty() { 0 } else { 2 })
     });
-    if let Err(e) = prerequisites() {
+    if let Err(e) =
+        pgvpn_tests::check_prerequisites("bench", &["ip", "ss", "ping", "iperf3", "runuser"])
+    {
         eprintln!("bench: {e}");
         std::process::exit(1);
     }

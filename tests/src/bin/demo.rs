@@ -9,7 +9,7 @@
 //! socket only.
 
 use pgvpn_tests::sql::{add_peer, create_auditor};
-use pgvpn_tests::{cluster, shim_path, util, Cluster, Netns, Shim, ShimSpec};
+use pgvpn_tests::{Cluster, Netns, Shim, ShimSpec};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -85,37 +85,10 @@ fn psql(cluster: &Cluster, title: &str, sql: &str) {
     }
 }
 
-fn check_prerequisites() -> Result<(), String> {
-    if !util::is_root() {
-        return Err("the demo needs root (network namespaces and tun devices)".into());
-    }
-    if !cluster::extension_available() {
-        return Err(format!(
-            "the pgvpn extension is not installed ({} is missing)",
-            cluster::extension_control_file().display()
-        ));
-    }
-    if !shim_path().exists() {
-        return Err(format!(
-            "pgvpn-shim is not built ({} is missing)",
-            shim_path().display()
-        ));
-    }
-    for tool in ["ip", "ping", "iperf3", "psql", "runuser"] {
-        let found = Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false);
-        if !found {
-            return Err(format!("`{tool}` is not installed"));
-        }
-    }
-    Ok(())
-}
-
 fn main() {
-    if let Err(e) = check_prerequisites() {
+    if let Err(e) =
+        pgvpn_tests::check_prerequisites("the demo", &["ip", "ping", "iperf3", "psql", "runuser"])
+    {
         eprintln!("demo: {e}");
         std::process::exit(1);
     }
