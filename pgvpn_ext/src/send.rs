@@ -183,6 +183,9 @@ fn send_batch(batch: &[Option<&[u8]>]) -> Result<i64> {
         }
 
         let me = peers.me.id;
+        let (accepted, bytes) = per_dst
+            .values()
+            .fold((0i64, 0i64), |(n, b), &(dn, db)| (n + dn, b + db));
         if !per_dst.is_empty() {
             let (i4, i8) = (pg_sys::INT4OID, pg_sys::INT8OID);
             let bump_rx = plans::get(&BUMP_RX, client, BUMP_RX_SQL, &oids(&[i4, i8, i8]), true)?;
@@ -205,8 +208,6 @@ fn send_batch(batch: &[Option<&[u8]>]) -> Result<i64> {
                 pg_sys::BYTEAARRAYOID,
             ];
             let insert = plans::get(&INSERT, client, INSERT_SQL, &oids(&types), true)?;
-            let accepted = cols.payload.len() as i64;
-            let bytes: i64 = cols.length.iter().map(|&l| i64::from(l)).sum();
             let src_addr = inet_array(&cols.src_addr);
             let dst_addr = inet_array(&cols.dst_addr);
             let args: Vec<DatumWithOid> = unsafe {
@@ -239,7 +240,7 @@ fn send_batch(batch: &[Option<&[u8]>]) -> Result<i64> {
         if !rejects.counts.is_empty() {
             log_rejects(client, me, rejects)?;
         }
-        Ok(per_dst.values().map(|&(n, _)| n).sum())
+        Ok(accepted)
     })
 }
 
