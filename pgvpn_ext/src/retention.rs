@@ -2,8 +2,9 @@
 use crate::guc;
 use pgrx::prelude::*;
 
-/// Closes the open chunk if it is older than `pgvpn.chunk_interval`, drops chunks
-/// whose packets are all older than `pgvpn.retention`. Returns how many were dropped.
+/// Closes the open chunk if it is older than `pgvpn.chunk_interval`, builds the
+/// host-pair index of chunks closed by an earlier call, and drops chunks whose packets
+/// are all older than `pgvpn.retention`. Returns how many were dropped.
 /// Schedule it (cron, pg_cron, a systemd timer) every few minutes; run it as the
 /// extension owner.
 #[pg_extern(volatile, parallel_unsafe)]
