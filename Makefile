@@ -43,10 +43,10 @@ test-ext: deps
 	rm -rf $(PGRX_TEST_DATA)
 	cd pgvpn_ext && cargo pgrx test pg15 --runas postgres --pgdata $(PGRX_TEST_DATA)
 
-# SQL API and tunnel tests against a private cluster with the extension installed.
+# Shim unit tests; SQL API and tunnel tests against a private cluster with the extension installed.
 test-e2e: install
 	$(CARGO) build --release -p pgvpn-shim
-	$(CARGO) test --release -p pgvpn-tests -- --test-threads=2
+	$(CARGO) test --release -p pgvpn-shim -p pgvpn-tests -- --test-threads=2
 
 demo: install
 	$(CARGO) build --release -p pgvpn-shim -p pgvpn-tests
