@@ -3,7 +3,7 @@
 use crate::error::{or_raise, Error, Result};
 use crate::peers::{self, channel_of};
 use crate::plans::{self, plan_slot};
-use pgrx::pg_sys::{self, PgOid};
+use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::time::{Duration, Instant};
 
@@ -54,11 +54,7 @@ fn recv_page(after_id: i64, max_packets: i32, wait_ms: i32) -> Result<Vec<(i64, 
         // A fresh snapshot each time round (a mutating plan is not run read-only), so
         // packets committed while we waited are seen.
         let page = Spi::connect_mut(|client| -> Result<Vec<(i64, Vec<u8>)>> {
-            let types = [
-                PgOid::from(pg_sys::INT4OID),
-                PgOid::from(pg_sys::INT8OID),
-                PgOid::from(pg_sys::INT4OID),
-            ];
+            let types = [pg_sys::INT4OID, pg_sys::INT8OID, pg_sys::INT4OID];
             let plan = plans::get(&RECV, client, RECV_SQL, &types, true)?;
             let rows = client.update(
                 plan,
@@ -128,7 +124,7 @@ fn store_cursor(upto_id: i64) -> Result<i64> {
         if upto_id > newest {
             return Err(Error::AckBeyondNewest { upto_id, newest });
         }
-        let types = [PgOid::from(pg_sys::INT4OID), PgOid::from(pg_sys::INT8OID)];
+        let types = [pg_sys::INT4OID, pg_sys::INT8OID];
         let plan = plans::get(&ACK, client, ACK_SQL, &types, true)?;
         let row = client.update(plan, Some(1), &[me.id.into(), upto_id.into()])?;
         Ok(row.first().get::<i64>(1)?.unwrap_or_default())
@@ -144,13 +140,7 @@ fn cursor() -> i64 {
     or_raise(plans::isolated(|| {
         Spi::connect(|client| {
             let me = peers::caller(client)?;
-            let plan = plans::get(
-                &CURSOR,
-                client,
-                CURSOR_SQL,
-                &[PgOid::from(pg_sys::INT4OID)],
-                false,
-            )?;
+            let plan = plans::get(&CURSOR, client, CURSOR_SQL, &[pg_sys::INT4OID], false)?;
             Ok(client
                 .select(plan, Some(1), &[me.id.into()])?
                 .first()

@@ -7,7 +7,7 @@
 use crate::error::{Error, Result};
 use crate::plans::{self, plan_slot};
 use crate::route::{Prefix, Table};
-use pgrx::pg_sys::{self, PgOid};
+use pgrx::pg_sys;
 use pgrx::spi::SpiClient;
 use std::collections::HashMap;
 
@@ -39,13 +39,7 @@ const CALLER_SQL: &str = "SELECT id, name FROM pgvpn.peers \
 /// The live peer the session's role belongs to.
 pub fn caller(client: &SpiClient<'_>) -> Result<Caller> {
     let role = outer_role();
-    let plan = plans::get(
-        &CALLER,
-        client,
-        CALLER_SQL,
-        &[PgOid::from(pg_sys::OIDOID)],
-        false,
-    )?;
+    let plan = plans::get(&CALLER, client, CALLER_SQL, &[pg_sys::OIDOID], false)?;
     let row = client.select(plan, Some(1), &[role.into()])?;
     if row.is_empty() {
         return Err(not_a_peer(role));
@@ -70,13 +64,7 @@ const ALL_PEERS_SQL: &str = "SELECT id, name, role = $1::oid::regrole, allowed_i
 
 pub fn load(client: &SpiClient<'_>) -> Result<Peers> {
     let role = outer_role();
-    let plan = plans::get(
-        &ALL_PEERS,
-        client,
-        ALL_PEERS_SQL,
-        &[PgOid::from(pg_sys::OIDOID)],
-        false,
-    )?;
+    let plan = plans::get(&ALL_PEERS, client, ALL_PEERS_SQL, &[pg_sys::OIDOID], false)?;
     let mut me = None;
     let mut entries = Vec::new();
     let mut names = HashMap::new();

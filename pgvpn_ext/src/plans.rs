@@ -1,6 +1,6 @@
 //! Prepared SPI plans, kept for the life of the backend: the hot path (send/recv) must
 //! not re-parse and re-plan its SQL on every call.
-use pgrx::pg_sys::PgOid;
+use pgrx::pg_sys::{self, PgOid};
 use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiResult};
 use std::cell::OnceCell;
 use std::thread::LocalKey;
@@ -24,16 +24,18 @@ pub fn get(
     slot: &'static Slot,
     client: &SpiClient<'_>,
     sql: &str,
-    args: &[PgOid],
+    args: &[pg_sys::Oid],
     mutating: bool,
 ) -> SpiResult<&'static OwnedPreparedStatement> {
     if let Some(p) = slot.with(|s| s.get().copied()) {
         return Ok(p);
     }
+    // Converted only here, on first use: the hot path just looks the plan up.
+    let args: Vec<PgOid> = args.iter().map(|&t| PgOid::from(t)).collect();
     let prepared = if mutating {
-        client.prepare_mut(sql, args)?
+        client.prepare_mut(sql, &args)?
     } else {
-        client.prepare(sql, args)?
+        client.prepare(sql, &args)?
     };
     let kept: &'static OwnedPreparedStatement = Box::leak(Box::new(prepared.keep()));
     slot.with(|s| {

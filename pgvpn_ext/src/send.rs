@@ -18,7 +18,7 @@ use crate::peers::{self, channel_of};
 use crate::plans::{self, plan_slot};
 use crate::route::{Reject, Router};
 use pgrx::datum::DatumWithOid;
-use pgrx::pg_sys::{self, PgOid};
+use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -140,10 +140,6 @@ const SAMPLE_REJECTS_SQL: &str =
     SELECT statement_timestamp(), $1, r, d, l, h \
     FROM unnest($2::text[], $3::text[], $4::int4[], $5::bytea[]) AS u(r, d, l, h)";
 
-fn oids(types: &[pg_sys::Oid]) -> Vec<PgOid> {
-    types.iter().map(|&t| PgOid::from(t)).collect()
-}
-
 fn send_batch(batch: &[Option<&[u8]>]) -> Result<i64> {
     if batch.len() > MAX_BATCH {
         return Err(Error::BatchTooLarge {
@@ -188,7 +184,7 @@ fn send_batch(batch: &[Option<&[u8]>]) -> Result<i64> {
             .fold((0i64, 0i64), |(n, b), &(dn, db)| (n + dn, b + db));
         if !per_dst.is_empty() {
             let (i4, i8) = (pg_sys::INT4OID, pg_sys::INT8OID);
-            let bump_rx = plans::get(&BUMP_RX, client, BUMP_RX_SQL, &oids(&[i4, i8, i8]), true)?;
+            let bump_rx = plans::get(&BUMP_RX, client, BUMP_RX_SQL, &[i4, i8, i8], true)?;
             for (&dst, &(n, b)) in &per_dst {
                 // Takes the receiver's row lock before any id is allocated (see top).
                 client.update(bump_rx, None, &[dst.into(), n.into(), b.into()])?;
@@ -207,7 +203,7 @@ fn send_batch(batch: &[Option<&[u8]>]) -> Result<i64> {
                 pg_sys::INT4ARRAYOID,
                 pg_sys::BYTEAARRAYOID,
             ];
-            let insert = plans::get(&INSERT, client, INSERT_SQL, &oids(&types), true)?;
+            let insert = plans::get(&INSERT, client, INSERT_SQL, &types, true)?;
             let src_addr = inet_array(&cols.src_addr);
             let dst_addr = inet_array(&cols.dst_addr);
             let args: Vec<DatumWithOid> = unsafe {
@@ -227,7 +223,7 @@ fn send_batch(batch: &[Option<&[u8]>]) -> Result<i64> {
                 ]
             };
             client.update(insert, None, &args)?;
-            let bump_tx = plans::get(&BUMP_TX, client, BUMP_TX_SQL, &oids(&[i4, i8, i8]), true)?;
+            let bump_tx = plans::get(&BUMP_TX, client, BUMP_TX_SQL, &[i4, i8, i8], true)?;
             client.update(bump_tx, None, &[me.into(), accepted.into(), bytes.into()])?;
             notify::wake(
                 per_dst
@@ -248,13 +244,7 @@ fn log_rejects(client: &mut pgrx::spi::SpiClient<'_>, me: i32, r: Rejects) -> Re
     let (reasons, counts): (Vec<&str>, Vec<i64>) =
         r.counts.iter().map(|(k, &n)| (k.as_str(), n)).unzip();
     let types = [pg_sys::INT4OID, pg_sys::TEXTARRAYOID, pg_sys::INT8ARRAYOID];
-    let plan = plans::get(
-        &COUNT_REJECTS,
-        client,
-        COUNT_REJECTS_SQL,
-        &oids(&types),
-        true,
-    )?;
+    let plan = plans::get(&COUNT_REJECTS, client, COUNT_REJECTS_SQL, &types, true)?;
     client.update(plan, None, &[me.into(), reasons.into(), counts.into()])?;
 
     let mut reasons = Vec::new();
@@ -274,13 +264,7 @@ fn log_rejects(client: &mut pgrx::spi::SpiClient<'_>, me: i32, r: Rejects) -> Re
         pg_sys::INT4ARRAYOID,
         pg_sys::BYTEAARRAYOID,
     ];
-    let plan = plans::get(
-        &SAMPLE_REJECTS,
-        client,
-        SAMPLE_REJECTS_SQL,
-        &oids(&types),
-        true,
-    )?;
+    let plan = plans::get(&SAMPLE_REJECTS, client, SAMPLE_REJECTS_SQL, &types, true)?;
     client.update(
         plan,
         None,
