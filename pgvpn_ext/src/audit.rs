@@ -1,7 +1,7 @@
 //! `pgvpn.decode(bytea) → jsonb`: any packet's header, for auditors and for debugging.
-use crate::decode::decode;
 use pgrx::prelude::*;
 use pgrx::JsonB;
+use pgvpn_core::decode;
 
 /// A malformed packet is not an error here (auditors decode reject samples, which are
 /// malformed by definition): it yields `{"error": "<why>"}`.

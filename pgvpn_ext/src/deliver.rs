@@ -81,6 +81,8 @@ fn recv_page(after_id: i64, max_packets: i32, wait_ms: i32) -> Result<Vec<(i64, 
 /// or `d` passes. Cancels and shutdowns are honoured right away.
 fn wait_for_latch(d: Duration) {
     let ms = d.as_millis().clamp(1, i64::from(MAX_WAIT_MS) as u128) as std::ffi::c_long;
+    // SAFETY: MyLatch is this backend's own latch, valid for its whole life; waiting on
+    // and resetting it is what it is for.
     unsafe {
         pg_sys::WaitLatch(
             pg_sys::MyLatch,
@@ -93,17 +95,18 @@ fn wait_for_latch(d: Duration) {
     pgrx::check_for_interrupts!();
 }
 
+// The cursor may only move up to the peer's own newest packet: a typo there would
+// silently skip packets not yet sent. Checked against the peer's packets, not the global
+// id counter, so that the error tells a peer nothing about anybody else's traffic.
 plan_slot!(ACK);
 const ACK_SQL: &str = "UPDATE pgvpn.cursors \
     SET acked_id = greatest(acked_id, $2), acked_at = statement_timestamp() \
-    WHERE peer = $1 RETURNING acked_id";
-
-plan_slot!(LAST_ID);
-const LAST_ID_SQL: &str = "SELECT last_value FROM pgvpn.packet_id";
+    WHERE peer = $1 AND ($2 <= acked_id \
+        OR $2 <= (SELECT max(id) FROM pgvpn.packets WHERE dst_peer = $1)) \
+    RETURNING acked_id";
 
 /// Stores the calling peer's delivery cursor: every packet up to `upto_id` has been
-/// handled. It only moves forward, and cannot point past the newest packet id (a typo
-/// there would silently skip packets not yet sent).
+/// handled. It only moves forward, and cannot point past the caller's newest packet.
 #[pg_extern(security_definer, volatile, parallel_unsafe)]
 fn ack(upto_id: i64) -> i64 {
     or_raise(plans::isolated(|| store_cursor(upto_id)))
@@ -115,18 +118,15 @@ fn store_cursor(upto_id: i64) -> Result<i64> {
     }
     Spi::connect_mut(|client| {
         let me = peers::caller(client)?;
-        let last = plans::get(&LAST_ID, client, LAST_ID_SQL, &[], false)?;
-        let newest: i64 = client
-            .select(last, Some(1), &[])?
-            .first()
-            .get(1)?
-            .unwrap_or(0);
-        if upto_id > newest {
-            return Err(Error::AckBeyondNewest { upto_id, newest });
-        }
         let types = [pg_sys::INT4OID, pg_sys::INT8OID];
         let plan = plans::get(&ACK, client, ACK_SQL, &types, true)?;
         let row = client.update(plan, Some(1), &[me.id.into(), upto_id.into()])?;
+        if row.is_empty() {
+            return Err(Error::AckBeyondNewest {
+                upto_id,
+                peer: me.name,
+            });
+        }
         Ok(row.first().get::<i64>(1)?.unwrap_or_default())
     })
 }

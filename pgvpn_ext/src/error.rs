@@ -13,8 +13,8 @@ pub enum Error {
     BadWait { got: i32, max: i32 },
     #[error("upto_id must not be negative, got {0}")]
     NegativeAck(i64),
-    #[error("cannot ack id {upto_id}: the newest packet id is {newest}")]
-    AckBeyondNewest { upto_id: i64, newest: i64 },
+    #[error("cannot ack id {upto_id}: peer \"{peer}\" has no packet with an id that high")]
+    AckBeyondNewest { upto_id: i64, peer: String },
     #[error("a batch may hold at most {max} packets, got {got}")]
     BatchTooLarge { got: usize, max: usize },
     #[error("pgvpn internal SPI error: {0}")]

@@ -1,12 +1,12 @@
 //! pgvpn: a VPN whose transport and audit log is PostgreSQL.
 //!
-//! Module map: `decode` and `route` are pure Rust (no pgrx, unit-tested with plain
-//! tests); `send`, `deliver`, `notify`, `retention` and `peers` are the SQL API around
-//! them; `error` maps failures to SQL errors. Handwritten SQL lives in `../sql/`.
+//! Module map: decoding and routing are pure Rust in `pgvpn_core` (no pgrx, unit-tested
+//! and fuzzed without a database); `send`, `deliver`, `notify`, `retention` and `peers`
+//! are the SQL API around them; `error` maps failures to SQL errors. Handwritten SQL
+//! lives in `../sql/`.
 use pgrx::prelude::*;
 
 mod audit;
-mod decode;
 mod deliver;
 mod error;
 mod guc;
@@ -15,7 +15,6 @@ mod notify;
 mod peers;
 mod plans;
 mod retention;
-mod route;
 mod send;
 
 ::pgrx::pg_module_magic!();

@@ -20,6 +20,8 @@ thread_local! {
 
 /// Called from `_PG_init`: one permanent callback, so no per-transaction bookkeeping.
 pub fn init() {
+    // SAFETY: registers a static function with no argument; it stays valid for the life
+    // of the backend (the library is never unloaded).
     unsafe { pg_sys::RegisterXactCallback(Some(on_xact), std::ptr::null_mut()) };
 }
 
@@ -45,8 +47,11 @@ unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut c
     for channel in pending {
         // Names are validated ([a-z0-9_]) so they never contain NUL.
         if let Ok(c) = CString::new(channel) {
-            // Guarded: a Postgres ERROR inside must unwind through Rust, not longjmp over it.
-            pg_sys::ffi::pg_guard_ffi_boundary(|| Async_Notify(c.as_ptr(), c"".as_ptr()));
+            // SAFETY: both strings are NUL-terminated and outlive the call. Guarded: a
+            // Postgres ERROR inside must unwind through Rust, not longjmp over it.
+            unsafe {
+                pg_sys::ffi::pg_guard_ffi_boundary(|| Async_Notify(c.as_ptr(), c"".as_ptr()))
+            };
         }
     }
 }

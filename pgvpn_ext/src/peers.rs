@@ -6,9 +6,9 @@
 //! peer's own role, so a client cannot claim to be another peer.
 use crate::error::{Error, Result};
 use crate::plans::{self, plan_slot};
-use crate::route::{Prefix, Table};
 use pgrx::pg_sys;
 use pgrx::spi::SpiClient;
+use pgvpn_core::{cidr, Table};
 use std::collections::HashMap;
 
 pub struct Caller {
@@ -17,17 +17,20 @@ pub struct Caller {
 }
 
 fn outer_role() -> pg_sys::Oid {
+    // SAFETY: reads a backend global; always valid inside a transaction.
     unsafe { pg_sys::GetOuterUserId() }
 }
 
 fn not_a_peer(role: pg_sys::Oid) -> Error {
-    let name = unsafe {
-        let p = pg_sys::GetUserNameFromId(role, true);
-        if p.is_null() {
-            format!("oid {}", role.to_u32())
-        } else {
-            std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned()
-        }
+    // SAFETY: with noerr = true it returns NULL for an unknown role instead of raising.
+    let p = unsafe { pg_sys::GetUserNameFromId(role, true) };
+    let name = if p.is_null() {
+        format!("oid {}", role.to_u32())
+    } else {
+        // SAFETY: a non-NULL result is a palloc'd, NUL-terminated role name.
+        unsafe { std::ffi::CStr::from_ptr(p) }
+            .to_string_lossy()
+            .into_owned()
     };
     Error::NotAPeer(name)
 }
@@ -79,7 +82,7 @@ pub fn load(client: &SpiClient<'_>) -> Result<Peers> {
         }
         for ip in row.get::<Vec<String>>(4)?.unwrap_or_default() {
             // cidr's own output format always parses; skip rather than fail a batch if not.
-            if let Ok(prefix) = ip.parse::<Prefix>() {
+            if let Ok(prefix) = cidr::parse(&ip) {
                 entries.push((prefix, id));
             }
         }

@@ -59,7 +59,12 @@ pub fn get(
 /// Both are restored afterwards, also when `f` raises an ERROR.
 pub fn isolated<R>(f: impl FnOnce() -> R) -> R {
     use pgrx::pg_sys::{self, PlanCacheMode::PLAN_CACHE_MODE_FORCE_GENERIC_PLAN};
+    // SAFETY: plan_cache_mode is a plain GUC variable of this single-threaded backend;
+    // it is restored in `finally` below, whatever `f` does.
     let saved_mode = unsafe { pg_sys::plan_cache_mode };
+    // SAFETY: as above for plan_cache_mode. GetOverrideSearchPath returns a fresh
+    // palloc'd struct that we own and edit before handing it to PushOverrideSearchPath,
+    // which copies it; the matching pop is in `finally`.
     unsafe {
         pg_sys::plan_cache_mode = PLAN_CACHE_MODE_FORCE_GENERIC_PLAN as i32;
         let path = pg_sys::GetOverrideSearchPath(pg_sys::CurrentMemoryContext);
@@ -69,6 +74,7 @@ pub fn isolated<R>(f: impl FnOnce() -> R) -> R {
         pg_sys::PushOverrideSearchPath(path);
     }
     pgrx::PgTryBuilder::new(std::panic::AssertUnwindSafe(f))
+        // SAFETY: pops exactly the path pushed above, restores the saved GUC value.
         .finally(|| unsafe {
             pg_sys::PopOverrideSearchPath();
             pg_sys::plan_cache_mode = saved_mode;

@@ -10,25 +10,18 @@
 //! every smaller id destined to it is already committed or was rolled back.
 //! Senders to *different* receivers never wait on each other. Receivers are locked in
 //! id order, so senders whose batches span several receivers cannot deadlock.
-use crate::decode::{decode, Header};
 use crate::error::{Error, Result};
 use crate::inet::inet_array;
 use crate::notify;
 use crate::peers::{self, channel_of};
 use crate::plans::{self, plan_slot};
-use crate::route::{Reject, Router};
 use pgrx::datum::DatumWithOid;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
+use pgvpn_core::limits::{MAX_BATCH_PACKETS, SAMPLES_PER_BATCH, SAMPLE_HEAD};
+use pgvpn_core::{decode, Header, Reject};
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-
-/// Upper bound on one call: keeps a single statement's memory bounded.
-const MAX_BATCH: usize = 65_536;
-/// Rejected packets logged with their headers per call; the rest are only counted.
-const SAMPLES_PER_BATCH: usize = 8;
-/// Bytes of a rejected packet kept in the sample (enough for IPv6 + extension headers).
-const SAMPLE_HEAD: usize = 128;
 
 #[pg_extern(security_definer, volatile, parallel_unsafe)]
 fn send(packets: Array<&[u8]>) -> i64 {
@@ -141,15 +134,14 @@ const SAMPLE_REJECTS_SQL: &str =
     FROM unnest($2::text[], $3::text[], $4::int4[], $5::bytea[]) AS u(r, d, l, h)";
 
 fn send_batch(batch: &[Option<&[u8]>]) -> Result<i64> {
-    if batch.len() > MAX_BATCH {
+    if batch.len() > MAX_BATCH_PACKETS {
         return Err(Error::BatchTooLarge {
             got: batch.len(),
-            max: MAX_BATCH,
+            max: MAX_BATCH_PACKETS,
         });
     }
     Spi::connect_mut(|client| {
         let peers = peers::load(client)?;
-        let mut router = Router::new(&peers.table, peers.me.id);
         let mut cols = Columns::default();
         let mut rejects = Rejects::default();
         // receiver -> (packets, bytes); BTreeMap so receivers are locked in id order.
@@ -167,7 +159,7 @@ fn send_batch(batch: &[Option<&[u8]>]) -> Result<i64> {
                     continue;
                 }
             };
-            match router.route(h.src_addr, h.dst_addr) {
+            match peers.table.route(peers.me.id, h.src_addr, h.dst_addr) {
                 Ok(dst) => {
                     let e = per_dst.entry(dst).or_default();
                     e.0 += 1;
@@ -204,24 +196,28 @@ fn send_batch(batch: &[Option<&[u8]>]) -> Result<i64> {
                 pg_sys::BYTEAARRAYOID,
             ];
             let insert = plans::get(&INSERT, client, INSERT_SQL, &types, true)?;
-            let src_addr = inet_array(&cols.src_addr);
-            let dst_addr = inet_array(&cols.dst_addr);
-            let args: Vec<DatumWithOid> = unsafe {
-                vec![
-                    me.into(),
-                    cols.dst_peer.into(),
-                    cols.ip_version.into(),
-                    DatumWithOid::new(src_addr, pg_sys::INETARRAYOID),
-                    DatumWithOid::new(dst_addr, pg_sys::INETARRAYOID),
-                    cols.protocol.into(),
-                    cols.src_port.into(),
-                    cols.dst_port.into(),
-                    cols.icmp_type.into(),
-                    cols.tcp_flags.into(),
-                    cols.length.into(),
-                    cols.payload.into(),
-                ]
+            // SAFETY: both datums are inet[] arrays just built in this memory context,
+            // which lives until the statement ends, after the INSERT below.
+            let (src_addr, dst_addr) = unsafe {
+                (
+                    DatumWithOid::new(inet_array(&cols.src_addr), pg_sys::INETARRAYOID),
+                    DatumWithOid::new(inet_array(&cols.dst_addr), pg_sys::INETARRAYOID),
+                )
             };
+            let args: Vec<DatumWithOid> = vec![
+                me.into(),
+                cols.dst_peer.into(),
+                cols.ip_version.into(),
+                src_addr,
+                dst_addr,
+                cols.protocol.into(),
+                cols.src_port.into(),
+                cols.dst_port.into(),
+                cols.icmp_type.into(),
+                cols.tcp_flags.into(),
+                cols.length.into(),
+                cols.payload.into(),
+            ];
             client.update(insert, None, &args)?;
             let bump_tx = plans::get(&BUMP_TX, client, BUMP_TX_SQL, &[i4, i8, i8], true)?;
             client.update(bump_tx, None, &[me.into(), accepted.into(), bytes.into()])?;

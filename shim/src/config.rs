@@ -1,30 +1,20 @@
 //! Command-line flags and environment variables → [`Config`].
 
-use std::fmt;
-use std::net::IpAddr;
 use std::str::FromStr;
 use std::time::Duration;
 
 use clap::Parser;
-
-/// Default MTU of the tun device: 8000.
-///
-/// pgvpn adds no outer header (packets travel as rows, not inside UDP), so the tunnel's
-/// MTU is free of the path MTU, and the database's cost is mostly per row: larger packets
-/// move more bytes per row. 8000 is the largest size whose row still fits in one 8 kB heap
-/// page (the log's chunks set `toast_tuple_target` to the maximum and store payloads
-/// uncompressed), so no packet takes a TOAST detour. Measured on one backend: 8000-byte
-/// packets go into `pgvpn.send` at ~1.1 Gbit/s, 1400-byte ones at ~0.7 Gbit/s.
-/// Both ends should use the same value. This is the one place to change it.
-pub const DEFAULT_MTU: u32 = 8000;
+use ipnet::IpNet;
+use pgvpn_core::cidr;
+use pgvpn_core::limits::{DEFAULT_MTU, MIN_MTU_IPV6};
 
 /// Default tun device name.
 pub const DEFAULT_TUN: &str = "pgvpn0";
 
-const MTU_HELP: &str = "MTU of the tun device. Default 8000: pgvpn adds no outer header, so \
-the tunnel MTU is independent of the network's; 8000 is the largest packet whose log row still \
-fits in one heap page (no TOAST), and bigger packets mean fewer rows per byte. Use the same \
-value on every host. IPv6 needs at least 1280";
+const MTU_HELP: &str = "MTU of the tun device. pgvpn adds no outer header, so the tunnel MTU \
+is independent of the network's; the default is the largest packet whose log row still fits \
+in one heap page (no TOAST), and bigger packets mean fewer rows per byte. Use the same value \
+on every host. IPv6 needs at least 1280";
 
 /// Moves IP packets between a Linux tun device and a pgvpn database.
 ///
@@ -60,8 +50,8 @@ pub struct Cli {
     /// flag for several; the environment variable takes a comma-separated list. Without a
     /// prefix length the address is a host address (/32, /128).
     #[arg(long, env = "PGVPN_ADDRESS", value_name = "CIDR", required = true,
-          value_delimiter = ',', value_parser = Cidr::from_str)]
-    pub address: Vec<Cidr>,
+          value_delimiter = ',', value_parser = parse_cidr)]
+    pub address: Vec<IpNet>,
 
     /// Name of the tun device to create.
     #[arg(long, env = "PGVPN_TUN", value_name = "NAME", default_value = DEFAULT_TUN,
@@ -91,41 +81,9 @@ pub struct Cli {
     pub ack_every: u64,
 }
 
-/// An address with prefix length, as given to `ip addr add`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cidr {
-    pub addr: IpAddr,
-    pub prefix: u8,
-}
-
-impl FromStr for Cidr {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        let s = s.trim();
-        let (addr, prefix) = match s.split_once('/') {
-            Some((a, p)) => (a, Some(p)),
-            None => (s, None),
-        };
-        let addr: IpAddr = addr
-            .parse()
-            .map_err(|_| format!("`{s}` is not an IP address with optional /prefix"))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = match prefix {
-            None => max,
-            Some(p) => match p.parse::<u8>() {
-                Ok(p) if p <= max => p,
-                _ => return Err(format!("`{s}`: prefix length must be 0..={max}")),
-            },
-        };
-        Ok(Cidr { addr, prefix })
-    }
-}
-
-impl fmt::Display for Cidr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix)
-    }
+/// An address with prefix length, as given to `ip addr add` (host bits kept).
+fn parse_cidr(s: &str) -> Result<IpNet, String> {
+    cidr::parse(s).map_err(|e| e.to_string())
 }
 
 fn parse_ifname(s: &str) -> Result<String, String> {
@@ -143,7 +101,7 @@ fn parse_ifname(s: &str) -> Result<String, String> {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub pg: postgres::Config,
-    pub addresses: Vec<Cidr>,
+    pub addresses: Vec<IpNet>,
     pub tun: String,
     pub mtu: u32,
     pub batch_max: usize,
@@ -157,14 +115,14 @@ pub enum ConfigError {
     #[error("invalid --db connection string: {0}")]
     ConnInfo(String),
     #[error("--mtu {0} is below 1280, the minimum for IPv6 address {1}")]
-    MtuTooSmallForIpv6(u32, Cidr),
+    MtuTooSmallForIpv6(u32, IpNet),
 }
 
 impl Config {
     pub fn from_cli(cli: Cli) -> Result<Config, ConfigError> {
         let pg = parse_conninfo(&cli.db)?;
-        if cli.mtu < 1280 {
-            if let Some(v6) = cli.address.iter().find(|c| c.addr.is_ipv6()) {
+        if cli.mtu < MIN_MTU_IPV6 {
+            if let Some(v6) = cli.address.iter().find(|c| c.addr().is_ipv6()) {
                 return Err(ConfigError::MtuTooSmallForIpv6(cli.mtu, *v6));
             }
         }
@@ -225,7 +183,7 @@ mod tests {
         assert_eq!(cli.ack_interval_ms, 200);
         assert_eq!(cli.ack_every, 4096);
         let cfg = Config::from_cli(cli).unwrap();
-        assert_eq!(cfg.addresses, vec!["198.18.0.1/15".parse().unwrap()]);
+        assert_eq!(cfg.addresses, vec![cidr::parse("198.18.0.1/15").unwrap()]);
         assert_eq!(cfg.pg.get_user(), Some("alice"));
         assert_eq!(cfg.pg.get_hosts(), &[Host::Unix("/tmp".into())]);
         assert_eq!(cfg.ack_interval, Duration::from_millis(200));

@@ -13,7 +13,7 @@ use std::os::unix::io::AsRawFd;
 use std::process::Command;
 use std::time::Duration;
 
-use crate::config::Cidr;
+use ipnet::IpNet;
 
 const IFF_TUN: libc::c_short = 0x0001;
 const IFF_NO_PI: libc::c_short = 0x1000;
@@ -94,9 +94,9 @@ impl Tun {
     /// Configures the device with iproute2 and brings it up:
     /// `addrgenmode none` first, so the kernel invents no fe80:: address (and sends no
     /// router solicitations from it), then mtu + txqueuelen, the addresses, and `up`.
-    pub fn configure(&self, addresses: &[Cidr], mtu: u32) -> Result<(), DeviceError> {
+    pub fn configure(&self, addresses: &[IpNet], mtu: u32) -> Result<(), DeviceError> {
         let dev = self.name.as_str();
-        let has_v6 = addresses.iter().any(|c| c.addr.is_ipv6());
+        let has_v6 = addresses.iter().any(|c| c.addr().is_ipv6());
         match self.ip(&["link", "set", "dev", dev, "addrgenmode", "none"]) {
             Ok(()) => {}
             // Fails on a kernel without IPv6, which only matters if we want IPv6.

@@ -7,12 +7,8 @@ use postgres::error::SqlState;
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::{Client, NoTls, Row, Statement};
 
-pub const SQL_WHOAMI: &str = "SELECT current_user::text";
-pub const SQL_SEND: &str = "SELECT pgvpn.send($1::bytea[])";
-pub const SQL_RECV: &str = "SELECT id, payload FROM pgvpn.recv($1::bigint, $2::int, $3::int)";
-pub const SQL_ACK: &str = "SELECT pgvpn.ack($1::bigint)";
-pub const SQL_CURSOR: &str = "SELECT pgvpn.cursor()";
-pub const SQL_CHANNEL: &str = "SELECT pgvpn.channel()";
+use pgvpn_core::limits::MAX_WAIT_MS;
+use pgvpn_core::sql::{self, quote_ident};
 
 /// Rows asked of one pgvpn.recv() call. A full page means "more may be waiting".
 pub const RECV_PAGE: i32 = 1024;
@@ -181,7 +177,7 @@ fn connect(pg: &postgres::Config, purpose: &str) -> Result<(Client, String), pos
         pg.application_name(&format!("pgvpn-shim {purpose}"));
     }
     let mut client = pg.connect(NoTls)?;
-    let role: String = client.query_one(SQL_WHOAMI, &[])?.get(0);
+    let role: String = client.query_one(sql::WHOAMI, &[])?.get(0);
     Ok((client, role))
 }
 
@@ -194,7 +190,7 @@ pub struct Uplink {
 impl Uplink {
     pub fn open(pg: &postgres::Config) -> Result<Uplink, postgres::Error> {
         let (mut client, _role) = connect(pg, "uplink")?;
-        let send = client.prepare(SQL_SEND)?;
+        let send = client.prepare(sql::SEND)?;
         Ok(Uplink { client, send })
     }
 
@@ -226,11 +222,11 @@ impl Downlink {
     /// that order: LISTEN before the first recv, so no wake-up can be missed.
     pub fn open(pg: &postgres::Config) -> Result<Downlink, postgres::Error> {
         let (mut client, role) = connect(pg, "downlink")?;
-        let recv = client.prepare(SQL_RECV)?;
-        let ack = client.prepare(SQL_ACK)?;
-        let channel: String = client.query_one(SQL_CHANNEL, &[])?.get(0);
+        let recv = client.prepare(sql::RECV)?;
+        let ack = client.prepare(sql::ACK)?;
+        let channel: String = client.query_one(sql::CHANNEL, &[])?.get(0);
         client.batch_execute(&format!("LISTEN {}", quote_ident(&channel)))?;
-        let stored_cursor: Option<i64> = client.query_one(SQL_CURSOR, &[])?.get(0);
+        let stored_cursor: Option<i64> = client.query_one(sql::CURSOR, &[])?.get(0);
         Ok(Downlink {
             client,
             recv,
@@ -245,7 +241,7 @@ impl Downlink {
     /// there are none, the database waits up to `wait` for some (a long poll that our
     /// LISTEN wakes). Columns: 0 = id (i64), 1 = payload (&[u8]).
     pub fn recv(&mut self, after: i64, wait: Duration) -> Result<Vec<Row>, postgres::Error> {
-        let wait_ms = wait.as_millis().min(60_000) as i32;
+        let wait_ms = wait.as_millis().min(MAX_WAIT_MS as u128) as i32;
         let rows = self
             .client
             .query(&self.recv, &[&after, &RECV_PAGE, &wait_ms])?;
@@ -259,11 +255,6 @@ impl Downlink {
         let v: Option<i64> = self.client.query_one(&self.ack, &[&upto])?.get(0);
         Ok(v.unwrap_or(upto))
     }
-}
-
-/// Quotes an SQL identifier: "name", with embedded quotes doubled.
-pub fn quote_ident(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
 }
 
 /// Sleeps `d` in short slices, returning false early if `stop` is set.
@@ -373,9 +364,7 @@ mod tests {
     }
 
     #[test]
-    fn quoting() {
-        assert_eq!(quote_ident("pgvpn_alice"), "\"pgvpn_alice\"");
-        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
+    fn one_line_joins_detail_and_hint() {
         assert_eq!(
             one_line(&"ERROR: x\nDETAIL: y\nHINT: z"),
             "ERROR: x; DETAIL: y; HINT: z"

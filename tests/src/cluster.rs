@@ -323,15 +323,7 @@ impl Drop for Cluster {
     }
 }
 
-/// Double-quote an identifier.
-pub fn quote_ident(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
-}
-
-/// Single-quote a literal.
-pub fn quote_literal(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
-}
+pub use pgvpn_core::sql::{quote_ident, quote_literal};
 
 /// A readable rendering of a postgres error, with SQLSTATE and server message.
 pub fn db_error(e: &postgres::Error) -> String {

@@ -54,21 +54,18 @@ pub fn create_auditor(cluster: &Cluster, name: &str) {
 
 /// `pgvpn.send(bytea[])` as the connected peer; returns the accepted count.
 pub fn send(c: &mut Client, packets: &[Vec<u8>]) -> i64 {
-    c.query_one("SELECT pgvpn.send($1::bytea[])", &[&packets])
+    c.query_one(pgvpn_core::sql::SEND, &[&packets])
         .unwrap_or_else(|e| panic!("pgvpn.send: {}", db_error(&e)))
         .get(0)
 }
 
-/// `pgvpn.recv(after, max)` as the connected peer.
+/// `pgvpn.recv(after, max)` as the connected peer (no waiting).
 pub fn recv(c: &mut Client, after: i64, max: i32) -> Vec<(i64, Vec<u8>)> {
-    c.query(
-        "SELECT id, payload FROM pgvpn.recv($1::bigint, $2::int)",
-        &[&after, &max],
-    )
-    .unwrap_or_else(|e| panic!("pgvpn.recv: {}", db_error(&e)))
-    .iter()
-    .map(|r| (r.get(0), r.get(1)))
-    .collect()
+    c.query(pgvpn_core::sql::RECV, &[&after, &max, &0i32])
+        .unwrap_or_else(|e| panic!("pgvpn.recv: {}", db_error(&e)))
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
 }
 
 /// A single bigint from a query (NULL → 0).

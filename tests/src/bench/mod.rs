@@ -37,6 +37,7 @@ extern "C" fn on_signal(_: libc::c_int) {
 /// SIGINT / SIGTERM only set a flag; the long waits poll it and unwind normally, so the
 /// Drop guards clean up. (On Ctrl-C the terminal also signals our children directly.)
 pub fn install_signal_handlers() {
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
     unsafe {
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);

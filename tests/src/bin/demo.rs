@@ -92,6 +92,7 @@ fn main() {
         eprintln!("demo: {e}");
         std::process::exit(1);
     }
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
     unsafe {
         libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t);
     }

@@ -123,6 +123,7 @@ fn tcp_send(addr: SocketAddr, bytes: u64, seed: u64) {
 fn force_rcvbuf(sock: &UdpSocket, bytes: i32) {
     // SO_RCVBUFFORCE (root) so a burst after a shim restart is not dropped by the socket.
     let v: libc::c_int = bytes;
+    // SAFETY: a valid socket fd and a pointer to an int of the size passed.
     unsafe {
         libc::setsockopt(
             sock.as_raw_fd(),
