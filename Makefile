@@ -5,12 +5,14 @@ PGRX_VERSION := 0.18.1
 CARGO ?= cargo
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 # Packages: PostgreSQL 15 + headers (extension build), clang (bindgen), sudo (pgrx test
-# --runas), iproute2/iputils/iperf3 (namespaces, ping, demo and bench traffic).
+# --runas), libssl-dev (TLS to the database), iproute2/iputils/iperf3 (namespaces, ping,
+# demo and bench traffic), openssl + tcpdump (the TLS test's CA and its wire capture),
+# g++ (libFuzzer in the fuzz smoke).
 APT_PACKAGES := postgresql-15 postgresql-server-dev-15 libclang-dev clang pkg-config sudo \
-                iproute2 iputils-ping iperf3 procps
+                libssl-dev iproute2 iputils-ping iperf3 procps openssl tcpdump g++
 PGRX_TEST_DATA ?= /tmp/pgvpn-pgrx-test-data
 
-.PHONY: all deps build install test test-ext test-e2e demo bench clean
+.PHONY: all deps build install check test test-core test-ext test-e2e demo bench clean
 
 all: build
 
@@ -36,9 +38,19 @@ build: deps
 install: deps
 	cd pgvpn_ext && cargo pgrx install --release --pg-config $(PG_CONFIG)
 
-test: deps test-ext test-e2e
+# Everything CI runs (.ci/run): the gates, every test suite, a one-minute fuzz per target.
+test: deps check test-core test-ext test-e2e fuzz-smoke
 
-# Unit tests (decode, route) and #[pg_test]s inside a throwaway pgrx cluster.
+# Formatting, lints (warnings are errors; the workspace denies undocumented unsafe).
+check: deps
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+# The protocol core: no root, no database, no pgrx.
+test-core:
+	$(CARGO) test -p pgvpn_core
+
+# #[pg_test]s inside a throwaway pgrx cluster (pgvpn preloaded, see pgvpn_ext/src/lib.rs).
 test-ext: deps
 	rm -rf $(PGRX_TEST_DATA)
 	cd pgvpn_ext && cargo pgrx test pg15 --runas postgres --pgdata $(PGRX_TEST_DATA)
@@ -60,3 +72,30 @@ bench: install
 
 clean:
 	$(CARGO) clean
+
+# Fuzzing pgvpn_core (fuzz/: a cargo package of its own, outside the workspace): the
+# targets decode, route and cidr run one after another, FUZZ_SECONDS each (fuzz-smoke:
+# FUZZ_SMOKE_SECONDS), and the executions per target and in total are printed. A crash
+# fails the run and names the crashing input (under fuzz/artifacts/). cargo-fuzz with
+# `-s none` builds on stable Rust; libFuzzer (inside libfuzzer-sys) needs a C++ compiler.
+CARGO_FUZZ_VERSION := 0.13.2
+FUZZ_SECONDS ?= 600
+FUZZ_SMOKE_SECONDS ?= 60
+define FUZZ_TOOLS
+@command -v c++ >/dev/null || { apt-get update -q && \
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q g++; }
+@if ! cargo fuzz --version 2>/dev/null | grep -q ' $(CARGO_FUZZ_VERSION)$$'; then \
+  echo "installing cargo-fuzz $(CARGO_FUZZ_VERSION)"; \
+  $(CARGO) install cargo-fuzz --version $(CARGO_FUZZ_VERSION) --locked; \
+fi
+endef
+
+.PHONY: fuzz fuzz-smoke
+
+fuzz:
+	$(FUZZ_TOOLS)
+	fuzz/run.sh $(FUZZ_SECONDS)
+
+fuzz-smoke:
+	$(FUZZ_TOOLS)
+	fuzz/run.sh $(FUZZ_SMOKE_SECONDS)

@@ -8,11 +8,13 @@ REVOKE ALL ON SCHEMA pgvpn FROM PUBLIC;
 -- session role, so a peer reaches its own packets and nothing else.
 GRANT USAGE ON SCHEMA pgvpn TO pgvpn_peer;
 GRANT EXECUTE ON FUNCTION
-    send(bytea[]), send(bytea), recv(bigint, int, int), ack(bigint), cursor(), channel(), decode(bytea)
+    send(bytea[]), send(bytea), recv(bigint, int, int, int), ack(bigint), cursor(), decode(bytea)
     TO pgvpn_peer;
 
 -- Auditors: read everything, change nothing. (Partitions created later by prune()
 -- need no grant: privileges are checked on pgvpn.packets.)
 GRANT USAGE ON SCHEMA pgvpn TO pgvpn_auditor;
 GRANT SELECT ON ALL TABLES IN SCHEMA pgvpn TO pgvpn_auditor;
-GRANT EXECUTE ON FUNCTION decode(bytea) TO pgvpn_auditor;
+GRANT EXECUTE ON FUNCTION decode(bytea), _ts(bigint), _live_counters(), _live_rejects(),
+    log_generation(), log_wait(bigint, int)
+    TO pgvpn_auditor;

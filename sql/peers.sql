@@ -23,11 +23,18 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION add_peer(name text, role regrole, allowed_ips cidr[]) RETURNS int
+-- connection_limit becomes the role's CONNECTION LIMIT: one peer's sessions must not be
+-- able to take every connection slot of the server. Change it later with ALTER ROLE.
+CREATE FUNCTION add_peer(name text, role regrole, allowed_ips cidr[], connection_limit int DEFAULT 8)
+RETURNS int
 LANGUAGE plpgsql SET search_path = pg_catalog, pgvpn, pg_temp AS $$
 DECLARE
     new_id int;
 BEGIN
+    IF connection_limit IS NULL OR connection_limit < 1 THEN
+        RAISE EXCEPTION 'connection_limit must be at least 1, got %', coalesce(connection_limit::text, 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
     IF name IS NULL OR name !~ '^[a-z][a-z0-9_]{0,39}$' THEN
         RAISE EXCEPTION 'invalid peer name %', coalesce(quote_literal(name), 'NULL')
             USING ERRCODE = 'invalid_parameter_value',
@@ -51,6 +58,7 @@ BEGIN
     INSERT INTO cursors (peer) VALUES (new_id);
     INSERT INTO traffic (peer, direction) VALUES (new_id, 't'), (new_id, 'r');
     EXECUTE format('GRANT pgvpn_peer TO %s', role);
+    EXECUTE format('ALTER ROLE %s CONNECTION LIMIT %s', role, connection_limit);
     RETURN new_id;
 END
 $$;
@@ -68,7 +76,8 @@ END
 $$;
 
 -- The peer's log rows, counters and cursor stay (an audit log forgets nothing);
--- its role loses pgvpn_peer and its packets stop being routed.
+-- its role loses pgvpn_peer, its packets stop being routed from the next one on, and its
+-- open sessions are ended (a session that is already open keeps no access either).
 CREATE FUNCTION remove_peer(name text) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pgvpn, pg_temp AS $$
 DECLARE
@@ -82,5 +91,8 @@ BEGIN
         RAISE EXCEPTION 'no peer "%"', name USING ERRCODE = 'undefined_object';
     END IF;
     EXECUTE format('REVOKE pgvpn_peer FROM %s', old_role);
+    PERFORM pg_terminate_backend(a.pid)
+       FROM pg_stat_activity a
+      WHERE a.usesysid = old_role::oid AND a.pid <> pg_backend_pid();
 END
 $$;

@@ -6,32 +6,87 @@
 -- DROP TABLE, never a row-wise DELETE.
 --
 -- setval() is not transactional, so the sequence only ever moves into a chunk that an
--- earlier, committed prune created: one spare chunk is always kept ready ahead. Even if
--- a prune is rolled back, ids never point at a chunk that does not exist.
+-- earlier, committed prune created: spare chunks are always kept ready ahead. Even if a
+-- prune is rolled back, ids never point at a chunk that does not exist.
 --
--- Closed chunks also get their (src_addr, dst_addr) index here, built in one go.
+-- Locks, so that retention never stalls the VPN:
+-- * a chunk is created as a table of its own and then ATTACHed, which takes only a
+--   SHARE UPDATE EXCLUSIVE lock on the log (sends and reads go on);
+-- * dropping a chunk needs an ACCESS EXCLUSIVE lock on the log, and a lock request that
+--   waits holds back everybody behind it. prune() waits at most pgvpn.prune_lock_timeout
+--   for it; if an open reader holds the log longer (an audit, a long poll), the drop is
+--   left for the next run and the server log says so. A long audit delays retention,
+--   never traffic.
+--
+-- Chunks are not extension members (see schema.sql): created by a function at run
+-- time, they are dumped and restored like any table, with their indexes.
+--
+-- _ensure_chunks and _open_chunk also run inside the API's calls, whose name lookup is
+-- pinned to pg_catalog (pgvpn_ext/src/plans.rs): they name every object with its schema.
 
 CREATE FUNCTION _chunk_of(id bigint) RETURNS int
 LANGUAGE sql IMMUTABLE AS $$ SELECT (id >> 40)::int $$;
 
+CREATE FUNCTION _chunk_name(k int) RETURNS text
+LANGUAGE sql IMMUTABLE AS $$ SELECT format('packets_%s', lpad(k::text, 6, '0')) $$;
+
 CREATE FUNCTION _open_chunk(k int) RETURNS regclass
 LANGUAGE plpgsql SET search_path = pg_catalog, pgvpn, pg_temp AS $$
 DECLARE
-    rel text := format('packets_%s', lpad(k::text, 6, '0'));
+    rel text := pgvpn._chunk_name(k);
     lo bigint := k::bigint << 40;
 BEGIN
     -- toast_tuple_target = max: a packet up to ~8 KB stays inline (no TOAST side table),
-    -- and payload's EXTERNAL storage means no compression attempt either.
-    EXECUTE format(
-        'CREATE TABLE pgvpn.%I PARTITION OF pgvpn.packets FOR VALUES FROM (%s) TO (%s)'
-        ' WITH (toast_tuple_target = 8160)',
-        rel, lo, lo + (1::bigint << 40));
-    INSERT INTO chunks (chunk, relid) VALUES (k, format('pgvpn.%I', rel)::regclass);
+    -- and payload's EXTERNAL storage (copied by LIKE) means no compression attempt.
+    EXECUTE format('CREATE TABLE pgvpn.%I (LIKE pgvpn.packets INCLUDING DEFAULTS INCLUDING STORAGE)'
+                   ' WITH (toast_tuple_target = 8160)', rel);
+    -- Delivery: recv() walks (dst_peer, id). Audits by time: BRIN is nearly free on an
+    -- append-only log. The host-pair btree comes later, once the chunk is closed.
+    EXECUTE format('CREATE INDEX %I ON pgvpn.%I (dst_peer, id)', rel || '_delivery', rel);
+    EXECUTE format('CREATE INDEX %I ON pgvpn.%I USING brin (sent_at, id)', rel || '_time', rel);
+    -- Auditors read everything, also a chunk directly (through pgvpn.packets the
+    -- parent's grant suffices).
+    EXECUTE format('GRANT SELECT ON pgvpn.%I TO pgvpn_auditor', rel);
+    EXECUTE format('ALTER TABLE pgvpn.packets ATTACH PARTITION pgvpn.%I FOR VALUES FROM (%s) TO (%s)',
+                   rel, lo, lo + (1::bigint << 40));
+    INSERT INTO pgvpn.chunks (chunk, relid) VALUES (k, format('pgvpn.%I', rel)::regclass);
     RETURN format('pgvpn.%I', rel)::regclass;
 END
 $$;
 
-CREATE FUNCTION _prune(retention interval, chunk_interval interval) RETURNS int
+-- The chunk the sequence points at, and one spare after it. Called by the first send of
+-- each backend (a fresh install has no chunk yet) and by prune(). Also repairs a
+-- sequence that is behind a stored cursor (a restore from a dump made without it, or
+-- a failover to a server that had not seen the newest ids): new ids must be above every
+-- cursor, or recv(cursor()) would return nothing, forever.
+CREATE FUNCTION _ensure_chunks() RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pgvpn, pg_temp AS $$
+DECLARE
+    last bigint;
+    highest bigint;
+    cur int;
+BEGIN
+    LOCK TABLE pgvpn.chunks IN SHARE ROW EXCLUSIVE MODE;  -- one at a time, with prune()
+    SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END INTO last FROM pgvpn.packet_id;
+    SELECT greatest(max(acked_id), 0) INTO highest FROM pgvpn.cursors;
+    IF highest > last THEN
+        RAISE WARNING 'pgvpn: the packet id sequence (%) was behind a stored cursor (%); moved it past every cursor',
+            last, highest;
+        PERFORM setval('pgvpn.packet_id', highest);
+        last := highest;
+    END IF;
+    cur := pgvpn._chunk_of(greatest(last, 1));
+    IF NOT EXISTS (SELECT FROM pgvpn.chunks WHERE chunk = cur) THEN
+        PERFORM pgvpn._open_chunk(cur);
+        UPDATE pgvpn.chunks SET opened_at = clock_timestamp() WHERE chunk = cur;
+    END IF;
+    IF NOT EXISTS (SELECT FROM pgvpn.chunks WHERE chunk = cur + 1) THEN
+        PERFORM pgvpn._open_chunk(cur + 1);
+    END IF;
+END
+$$;
+
+CREATE FUNCTION _prune(retention interval, chunk_interval interval, lock_wait_ms int) RETURNS int
 LANGUAGE plpgsql SET search_path = pg_catalog, pgvpn, pg_temp AS $$
 DECLARE
     cur int;
@@ -40,9 +95,10 @@ DECLARE
     old chunks;
     opened timestamptz;
     dropped int := 0;
+    saved_timeout text := current_setting('lock_timeout');
 BEGIN
-    -- One prune at a time; senders do not take this lock.
-    LOCK TABLE chunks IN SHARE ROW EXCLUSIVE MODE;
+    PERFORM _ensure_chunks();   -- also takes the chunks lock: one prune at a time
+    PERFORM set_config('lock_timeout', lock_wait_ms || 'ms', true);
     cur := _chunk_of((SELECT last_value FROM packet_id));
     -- Ready means committed: created by an earlier transaction, not by this one.
     spare_ready := EXISTS (SELECT FROM chunks c WHERE c.chunk = cur + 1
@@ -55,14 +111,20 @@ BEGIN
 
     FOR old IN SELECT * FROM chunks
                 WHERE closed_at < clock_timestamp() - retention ORDER BY chunk LOOP
-        -- The first chunk was created by CREATE EXTENSION and so belongs to it.
-        IF EXISTS (SELECT FROM pg_depend WHERE classid = 'pg_class'::regclass
-                      AND objid = old.relid AND deptype = 'e') THEN
-            EXECUTE format('ALTER EXTENSION pgvpn DROP TABLE %s', old.relid);
-        END IF;
-        EXECUTE format('DROP TABLE %s', old.relid);
-        DELETE FROM chunks WHERE chunk = old.chunk;
-        dropped := dropped + 1;
+        BEGIN
+            -- 0.1.0 created its first chunks inside CREATE EXTENSION; those are members.
+            IF EXISTS (SELECT FROM pg_depend WHERE classid = 'pg_class'::regclass
+                          AND objid = old.relid AND deptype = 'e') THEN
+                EXECUTE format('ALTER EXTENSION pgvpn DROP TABLE %s', old.relid);
+            END IF;
+            EXECUTE format('DROP TABLE %s', old.relid);
+            DELETE FROM chunks WHERE chunk = old.chunk;
+            dropped := dropped + 1;
+        EXCEPTION WHEN lock_not_available THEN
+            RAISE LOG 'pgvpn.prune: chunk % is in use (a reader holds the log longer than %ms); it will be dropped on a later run',
+                old.chunk, lock_wait_ms;
+            EXIT;
+        END;
     END LOOP;
     DELETE FROM reject_samples WHERE at < clock_timestamp() - retention;
 
@@ -73,10 +135,14 @@ BEGIN
                 WHERE closed_at IS NOT NULL AND indexed_at IS NULL
                   AND xmin IS DISTINCT FROM xid(pg_current_xact_id_if_assigned())
                 ORDER BY chunk LOOP
-        EXECUTE format('CREATE INDEX IF NOT EXISTS %I ON %s (src_addr, dst_addr)',
-                       (SELECT relname FROM pg_class WHERE oid = old.relid) || '_hosts',
-                       old.relid);
-        UPDATE chunks SET indexed_at = clock_timestamp() WHERE chunk = old.chunk;
+        BEGIN
+            EXECUTE format('CREATE INDEX IF NOT EXISTS %I ON %s (src_addr, dst_addr)',
+                           (SELECT relname FROM pg_class WHERE oid = old.relid) || '_hosts',
+                           old.relid);
+            UPDATE chunks SET indexed_at = clock_timestamp() WHERE chunk = old.chunk;
+        EXCEPTION WHEN lock_not_available THEN
+            RAISE LOG 'pgvpn.prune: chunk % is busy; its host-pair index waits for a later run', old.chunk;
+        END;
     END LOOP;
 
     SELECT opened_at INTO opened FROM chunks WHERE chunk = cur;
@@ -89,21 +155,19 @@ BEGIN
         ELSIF spare_ready THEN
             UPDATE chunks SET closed_at = clock_timestamp() WHERE chunk = cur;
             UPDATE chunks SET opened_at = clock_timestamp() WHERE chunk = cur + 1;
-            IF NOT EXISTS (SELECT FROM chunks WHERE chunk = cur + 2) THEN
-                PERFORM _open_chunk(cur + 2);
-            END IF;
             -- Sequences only move forward, so per-receiver id order (send.rs) holds.
             PERFORM setval('packet_id', (cur + 1)::bigint << 40);
-            RETURN dropped;
+            cur := cur + 1;
         END IF;
     END IF;
+    -- Keep two spares ahead: the next rotation never waits for a chunk to be created.
     IF NOT EXISTS (SELECT FROM chunks WHERE chunk = cur + 1) THEN
-        PERFORM _open_chunk(cur + 1);   -- used by the next rotation, once committed
+        PERFORM _open_chunk(cur + 1);
     END IF;
+    IF NOT EXISTS (SELECT FROM chunks WHERE chunk = cur + 2) THEN
+        PERFORM _open_chunk(cur + 2);
+    END IF;
+    PERFORM set_config('lock_timeout', saved_timeout, true);
     RETURN dropped;
 END
 $$;
-
-SELECT _open_chunk(0);
-SELECT _open_chunk(1);
-UPDATE chunks SET opened_at = clock_timestamp() WHERE chunk = 0;

@@ -36,11 +36,10 @@ CREATE TABLE cursors (
     acked_at timestamptz
 );
 
--- Traffic counters, one row per peer and direction ('t' sent, 'r' received).
--- A send updates the receiver's 'r' row *before* it takes packet ids: that row lock
--- orders all senders to one receiver, so ids reach each receiver in commit order
--- (see pgvpn_ext/src/send.rs). Two rows per peer, not one, so that two peers
--- sending to each other never wait on each other's row.
+-- Traffic counters, one row per peer and direction ('t' sent, 'r' received). Sends
+-- count in shared memory (no row is updated per send: that would make these hot rows
+-- that any open snapshot slows down); the totals are written here at most once a second
+-- and by prune(). The views add what is not written yet.
 CREATE TABLE traffic (
     peer      int NOT NULL REFERENCES peers (id),
     direction "char" NOT NULL CHECK (direction IN ('t', 'r')),
@@ -53,6 +52,12 @@ CREATE TABLE traffic (
 -- CACHE 1 (the default) is essential: a per-backend cache would hand out ids
 -- out of order across sessions and break gap-free delivery.
 CREATE SEQUENCE packet_id CACHE 1;
+
+-- µs since 2000-01-01 (PostgreSQL's TimestampTz, as the shared counters keep it) as a
+-- timestamptz; 0 means never.
+CREATE FUNCTION _ts(us bigint) RETURNS timestamptz
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS
+$$ SELECT CASE WHEN us > 0 THEN '2000-01-01 00:00:00+00'::timestamptz + make_interval(secs => us / 1e6) END $$;
 
 -- The audit log. Append-only; chunked by id range so that pgvpn.prune() drops
 -- whole chunks. Chunk k holds ids [k * 2^40, (k+1) * 2^40).
@@ -75,14 +80,11 @@ CREATE TABLE packets (
 -- Packets are mostly incompressible: never try.
 ALTER TABLE packets ALTER COLUMN payload SET STORAGE EXTERNAL;
 COMMENT ON TABLE packets IS 'pgvpn: every packet that crossed the VPN, one row each';
-
--- Delivery: recv() walks (dst_peer, id).
-CREATE INDEX packets_delivery ON packets (dst_peer, id);
--- Audits by time: BRIN is nearly free on an append-only log.
-CREATE INDEX packets_time ON packets USING brin (sent_at, id);
--- Audits by host pair use a btree on (src_addr, dst_addr), but only on closed chunks:
--- pgvpn.prune() builds it once per chunk (see retention.sql). Kept per row on the open
--- chunk, it nearly halved send()'s throughput for small packets.
+-- The chunks (partitions) and their indexes are created by pgvpn._open_chunk() in
+-- retention.sql, never by this script: objects made by CREATE EXTENSION belong to the
+-- extension and pg_dump skips them, while the log is data that a dump must keep. So
+-- the parent has no partitioned indexes either (a restore would meet indexes created
+-- twice); each chunk carries its own.
 
 CREATE TABLE chunks (
     chunk      int PRIMARY KEY,
@@ -105,7 +107,7 @@ CREATE TABLE reject_counts (
 CREATE TABLE reject_samples (
     at      timestamptz NOT NULL,
     peer    int NOT NULL,
-    reason  text NOT NULL CHECK (reason IN ('malformed', 'no_route', 'spoofed', 'loop')),
+    reason  text NOT NULL CHECK (reason IN ('malformed', 'no_route', 'spoofed', 'loop', 'backlog')),
     detail  text NOT NULL,
     length  int NOT NULL,
     head    bytea NOT NULL           -- the first bytes of the packet, enough for its headers
@@ -113,7 +115,13 @@ CREATE TABLE reject_samples (
 CREATE INDEX reject_samples_at ON reject_samples USING brin (at);
 COMMENT ON TABLE reject_samples IS 'pgvpn: a sample of rejected packets (a few per send), pruned with the log';
 
--- Admin tables belong in backups.
+-- Every table's rows belong in backups (the chunks are not extension members and are
+-- dumped like any table), and so does the id sequence: a restore must hand out ids
+-- above every stored cursor.
 SELECT pg_catalog.pg_extension_config_dump('peers', '');
 SELECT pg_catalog.pg_extension_config_dump('cursors', '');
 SELECT pg_catalog.pg_extension_config_dump('traffic', '');
+SELECT pg_catalog.pg_extension_config_dump('chunks', '');
+SELECT pg_catalog.pg_extension_config_dump('reject_counts', '');
+SELECT pg_catalog.pg_extension_config_dump('reject_samples', '');
+SELECT pg_catalog.pg_extension_config_dump('packet_id', '');

@@ -1,5 +1,14 @@
 -- Audit views. Column names match pgvpn.packets; peers appear by name.
 
+-- Rejects per peer id and reason: the table's totals plus what shared memory counted
+-- since the last flush.
+CREATE VIEW reject_totals_by_id AS
+SELECT coalesce(c.peer, l.peer) AS peer, coalesce(c.reason, l.reason) AS reason,
+       coalesce(c.packets, 0) + coalesce(l.packets, 0) AS packets,
+       greatest(c.last_at, _ts(l.at)) AS last_at
+  FROM reject_counts c
+  FULL JOIN _live_rejects() l ON l.peer = c.peer AND l.reason = c.reason;
+
 CREATE VIEW packet_log AS
 SELECT p.id, p.sent_at, s.name AS src_peer, d.name AS dst_peer,
        p.ip_version, p.src_addr, p.dst_addr, p.protocol, p.src_port, p.dst_port,
@@ -23,33 +32,44 @@ SELECT s.name AS src_peer, d.name AS dst_peer, f.ip_version, f.protocol,
   JOIN peers d ON d.id = f.dst_peer;
 COMMENT ON VIEW flows IS 'pgvpn: packets and bytes per 5-tuple, first and last seen';
 
--- What `wg show` tells a WireGuard user, per peer. Counters are kept by send() (they
--- survive pruning); backlog is what was routed to the peer but not acknowledged yet.
+-- The routing table changes when a transaction that changed peers commits: every
+-- backend's cached copy is reloaded (pgvpn_ext/src/peers.rs).
+CREATE TRIGGER peers_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON peers
+    FOR EACH STATEMENT EXECUTE FUNCTION peers_changed();
+
+-- What `wg show` tells a WireGuard user, per peer. Counters: the tables' totals (they
+-- survive pruning and restarts) plus what shared memory counted since the last flush.
+-- The backlog is what was routed to the peer beyond its cursor.
 CREATE VIEW peer_stats AS
 SELECT p.name AS peer, p.role, p.allowed_ips,
-       t.packets AS sent_packets, t.bytes AS sent_bytes,
-       r.packets AS received_packets, r.bytes AS received_bytes,
-       coalesce((SELECT sum(rc.packets) FROM reject_counts rc WHERE rc.peer = p.id), 0)::bigint
+       t.packets + coalesce(l.tx_packets, 0) AS sent_packets,
+       t.bytes + coalesce(l.tx_bytes, 0) AS sent_bytes,
+       r.packets + coalesce(l.rx_packets, 0) AS received_packets,
+       r.bytes + coalesce(l.rx_bytes, 0) AS received_bytes,
+       (SELECT coalesce(sum(x.packets), 0)::bigint FROM reject_totals_by_id x WHERE x.peer = p.id)
            AS rejected,
        c.acked_id AS cursor,
        (SELECT count(*) FROM packets k WHERE k.dst_peer = p.id AND k.id > c.acked_id) AS backlog,
-       t.last_at AS last_sent_at, r.last_at AS last_received_at, c.acked_at AS last_ack_at,
-       greatest(t.last_at, r.last_at, c.acked_at) AS last_activity,
+       greatest(t.last_at, _ts(l.tx_at)) AS last_sent_at,
+       greatest(r.last_at, _ts(l.rx_at)) AS last_received_at,
+       c.acked_at AS last_ack_at,
+       greatest(t.last_at, _ts(l.tx_at), r.last_at, _ts(l.rx_at), c.acked_at) AS last_activity,
        p.removed_at
   FROM peers p
   JOIN traffic t ON t.peer = p.id AND t.direction = 't'
   JOIN traffic r ON r.peer = p.id AND r.direction = 'r'
-  JOIN cursors c ON c.peer = p.id;
+  JOIN cursors c ON c.peer = p.id
+  LEFT JOIN _live_counters() l ON l.peer = p.id;
 COMMENT ON VIEW peer_stats IS 'pgvpn: per peer traffic, rejects, cursor and backlog';
 
 CREATE VIEW rejects AS
 SELECT r.at, p.name AS peer, r.reason, r.detail, r.length, r.head
   FROM reject_samples r
   JOIN peers p ON p.id = r.peer;
-COMMENT ON VIEW rejects IS 'pgvpn: a sample of rejected packets (pgvpn.reject_counts counts them all)';
+COMMENT ON VIEW rejects IS 'pgvpn: a sample of rejected packets (pgvpn.reject_totals counts them all)';
 
 CREATE VIEW reject_totals AS
-SELECT p.name AS peer, c.reason, c.packets, c.last_at
-  FROM reject_counts c
-  JOIN peers p ON p.id = c.peer;
+SELECT p.name AS peer, x.reason, x.packets, x.last_at
+  FROM reject_totals_by_id x
+  JOIN peers p ON p.id = x.peer;
 COMMENT ON VIEW reject_totals IS 'pgvpn: rejected packets per peer and reason';

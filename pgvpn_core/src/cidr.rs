@@ -30,8 +30,14 @@ pub fn parse(s: &str) -> Result<IpNet, CidrError> {
                 CidrError(format!("`{s}` is not an IP address with optional /prefix"))
             })?;
             let max = if addr.is_ipv4() { 32 } else { 128 };
+            // Plain digits only: Rust's integer parsing would also take "+8" and "008".
+            let plain = !len.is_empty()
+                && len.bytes().all(|b| b.is_ascii_digit())
+                && (len == "0" || !len.starts_with('0'));
             match len.parse::<u8>() {
-                Ok(len) if len <= max => Ok(IpNet::new(addr, len).expect("length checked")),
+                Ok(len) if plain && len <= max => {
+                    Ok(IpNet::new(addr, len).expect("length checked"))
+                }
                 _ => Err(CidrError(format!("`{s}`: prefix length must be 0..={max}"))),
             }
         }
@@ -67,6 +73,9 @@ mod tests {
             "198.18.0.1/x",
             "1.2.3/8",
             "/8",
+            "1.2.3.4/+8",
+            "1.2.3.4/008",
+            "1.2.3.4/",
         ] {
             assert!(parse(bad).is_err(), "{bad:?}");
         }

@@ -5,6 +5,12 @@
 /// Most packets one `pgvpn.send` call takes: keeps a statement's memory bounded.
 pub const MAX_BATCH_PACKETS: usize = 65_536;
 
+/// Most bytes of packets one transaction may send (in one `send` call or several). They
+/// are logged at commit while the receivers' ordering locks are held, so this bounds how
+/// long another sender to the same receiver can wait: at about 1 Gbit/s of inserts,
+/// 8 MiB take some 70 ms. The shim splits its batches to stay below it.
+pub const MAX_TXN_BYTES: usize = 8 << 20;
+
 /// Largest packet pgvpn logs: neither IPv4 nor non-jumbo IPv6 can express more.
 pub const MAX_PACKET: usize = 65_535;
 
@@ -16,6 +22,12 @@ pub const SAMPLE_HEAD: usize = 128;
 
 /// Largest page `pgvpn.recv` hands out at once.
 pub const MAX_RECV_PACKETS: i32 = 65_536;
+
+/// Most bytes one `pgvpn.recv` page may ask for (the default is 4 MiB).
+pub const MAX_RECV_BYTES: i32 = 64 << 20;
+
+/// Default size cap of a `pgvpn.recv` page.
+pub const DEFAULT_RECV_BYTES: i32 = 4 << 20;
 
 /// Longest long poll of `pgvpn.recv`, in milliseconds: keeps a waiting statement (and
 /// its snapshot) short-lived.

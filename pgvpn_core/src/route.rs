@@ -21,14 +21,17 @@ pub enum Reject {
     NoRoute,
     Spoofed,
     Loop,
+    /// The receiver has more than `pgvpn.max_backlog` packets waiting unacknowledged.
+    Backlog,
 }
 
 impl Reject {
-    pub const ALL: [Reject; 4] = [
+    pub const ALL: [Reject; 5] = [
         Reject::Malformed,
         Reject::NoRoute,
         Reject::Spoofed,
         Reject::Loop,
+        Reject::Backlog,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -37,6 +40,7 @@ impl Reject {
             Reject::NoRoute => "no_route",
             Reject::Spoofed => "spoofed",
             Reject::Loop => "loop",
+            Reject::Backlog => "backlog",
         }
     }
 }

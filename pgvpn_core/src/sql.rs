@@ -11,8 +11,6 @@ pub const RECV: &str = "SELECT id, payload FROM pgvpn.recv($1::bigint, $2::int, 
 pub const ACK: &str = "SELECT pgvpn.ack($1::bigint)";
 /// `pgvpn.cursor()`: the stored cursor.
 pub const CURSOR: &str = "SELECT pgvpn.cursor()";
-/// `pgvpn.channel()`: the caller's LISTEN channel.
-pub const CHANNEL: &str = "SELECT pgvpn.channel()";
 
 /// Quotes an SQL identifier: "name", with embedded quotes doubled.
 pub fn quote_ident(s: &str) -> String {

@@ -1,5 +1,5 @@
-//! Builds `inet[]` array datums straight from `IpAddr`s, so a batch's addresses reach
-//! the INSERT without a text round trip per packet.
+//! Builds `inet` datums straight from `IpAddr`s, so a batch's addresses reach the log
+//! without a text round trip per packet.
 use pgrx::pg_sys;
 use std::net::IpAddr;
 
@@ -9,7 +9,7 @@ const PGSQL_AF_INET6: u8 = 3;
 
 /// A palloc'd `inet` varlena in the current memory context: 4-byte header, family,
 /// bits, address bytes (the layout of `inet_struct` in utils/inet.h).
-fn inet_datum(a: IpAddr) -> pg_sys::Datum {
+pub fn inet_datum(a: IpAddr) -> pg_sys::Datum {
     let (family, bits, bytes): (u8, u8, Vec<u8>) = match a {
         IpAddr::V4(v4) => (PGSQL_AF_INET, 32, v4.octets().to_vec()),
         IpAddr::V6(v6) => (PGSQL_AF_INET6, 128, v6.octets().to_vec()),
@@ -26,22 +26,4 @@ fn inet_datum(a: IpAddr) -> pg_sys::Datum {
         std::ptr::copy_nonoverlapping(body.as_ptr(), p.add(pg_sys::VARHDRSZ), body.len());
         pg_sys::Datum::from(p)
     }
-}
-
-/// An `inet[]` (one dimension, no NULLs) in the current memory context.
-pub fn inet_array(addrs: &[IpAddr]) -> pg_sys::Datum {
-    let mut elems: Vec<pg_sys::Datum> = addrs.iter().map(|&a| inet_datum(a)).collect();
-    // SAFETY: `elems` holds `elems.len()` valid by-reference inet datums; construct_array
-    // copies them into a new palloc'd array (inet: varlena, int alignment, not by value).
-    let arr = unsafe {
-        pg_sys::construct_array(
-            elems.as_mut_ptr(),
-            elems.len() as i32,
-            pg_sys::INETOID,
-            -1,
-            false,
-            pg_sys::TYPALIGN_INT as std::ffi::c_char,
-        )
-    };
-    pg_sys::Datum::from(arr)
 }

@@ -44,6 +44,75 @@ pub fn get(
     Ok(kept)
 }
 
+/// Planner settings pinned around the API's statements, with PostgreSQL 15's defaults.
+/// Any role may SET these; the API's plans are cached for the life of the backend and
+/// (re)planned under whatever is set at that moment, so a peer that ran `SET
+/// enable_indexscan = off` or `SET random_page_cost = 1e9` before its first call would
+/// otherwise turn its `recv` into a scan of the whole log.
+macro_rules! pinned {
+    ($($var:ident: $ty:ty = $val:expr),* $(,)?) => {
+        #[derive(Clone, Copy)]
+        struct Saved {
+            $($var: $ty,)*
+        }
+
+        fn pin() -> Saved {
+            // SAFETY: plain GUC variables of this single-threaded backend; restored by
+            // `unpin` in `isolated`'s `finally`, whatever happens in between.
+            unsafe {
+                let saved = Saved { $($var: pg_sys::$var,)* };
+                $(pg_sys::$var = $val;)*
+                saved
+            }
+        }
+
+        fn unpin(s: Saved) {
+            // SAFETY: as in `pin`.
+            unsafe {
+                $(pg_sys::$var = s.$var;)*
+            }
+        }
+    };
+}
+
+pinned! {
+    plan_cache_mode: i32 = pg_sys::PlanCacheMode::PLAN_CACHE_MODE_FORCE_GENERIC_PLAN as i32,
+    enable_seqscan: bool = true,
+    enable_indexscan: bool = true,
+    enable_indexonlyscan: bool = true,
+    enable_bitmapscan: bool = true,
+    enable_tidscan: bool = true,
+    enable_sort: bool = true,
+    enable_incremental_sort: bool = true,
+    enable_hashagg: bool = true,
+    enable_material: bool = true,
+    enable_memoize: bool = true,
+    enable_nestloop: bool = true,
+    enable_mergejoin: bool = true,
+    enable_hashjoin: bool = true,
+    enable_gathermerge: bool = true,
+    enable_partitionwise_join: bool = false,
+    enable_partitionwise_aggregate: bool = false,
+    enable_parallel_append: bool = true,
+    enable_parallel_hash: bool = true,
+    enable_partition_pruning: bool = true,
+    enable_async_append: bool = true,
+    seq_page_cost: f64 = 1.0,
+    random_page_cost: f64 = 4.0,
+    cpu_tuple_cost: f64 = 0.01,
+    cpu_index_tuple_cost: f64 = 0.005,
+    cpu_operator_cost: f64 = 0.0025,
+    parallel_tuple_cost: f64 = 0.1,
+    parallel_setup_cost: f64 = 1000.0,
+    effective_cache_size: i32 = 524_288,
+    constraint_exclusion: i32 = pg_sys::ConstraintExclusionType::CONSTRAINT_EXCLUSION_PARTITION as i32,
+    max_parallel_workers_per_gather: i32 = 0,
+    jit_enabled: bool = false,
+    cursor_tuple_fraction: f64 = 0.1,
+    from_collapse_limit: i32 = 8,
+    join_collapse_limit: i32 = 8,
+}
+
 /// Runs `f`, one API call's statements, in a fixed environment:
 ///
 /// * `search_path` is just `pg_catalog` (no temp schema). The API functions are SECURITY
@@ -55,18 +124,16 @@ pub fn get(
 /// * `plan_cache_mode = force_generic_plan`: our statements touch the partitioned log
 ///   with parameters; left to itself the plan cache judges the generic plan (all chunks,
 ///   pruned at executor start) costlier than a custom one and re-plans on every call.
+/// * every other planner setting a caller could use to change our plans (`pinned!`).
+///   Parallel query and JIT are off: our statements are short.
 ///
-/// Both are restored afterwards, also when `f` raises an ERROR.
+/// All are restored afterwards, also when `f` raises an ERROR.
 pub fn isolated<R>(f: impl FnOnce() -> R) -> R {
-    use pgrx::pg_sys::{self, PlanCacheMode::PLAN_CACHE_MODE_FORCE_GENERIC_PLAN};
-    // SAFETY: plan_cache_mode is a plain GUC variable of this single-threaded backend;
-    // it is restored in `finally` below, whatever `f` does.
-    let saved_mode = unsafe { pg_sys::plan_cache_mode };
-    // SAFETY: as above for plan_cache_mode. GetOverrideSearchPath returns a fresh
-    // palloc'd struct that we own and edit before handing it to PushOverrideSearchPath,
-    // which copies it; the matching pop is in `finally`.
+    let saved = pin();
+    // SAFETY: GetOverrideSearchPath returns a fresh palloc'd struct that we own and edit
+    // before handing it to PushOverrideSearchPath, which copies it; the matching pop is
+    // in `finally`.
     unsafe {
-        pg_sys::plan_cache_mode = PLAN_CACHE_MODE_FORCE_GENERIC_PLAN as i32;
         let path = pg_sys::GetOverrideSearchPath(pg_sys::CurrentMemoryContext);
         (*path).schemas = std::ptr::null_mut();
         (*path).addCatalog = true;
@@ -74,10 +141,10 @@ pub fn isolated<R>(f: impl FnOnce() -> R) -> R {
         pg_sys::PushOverrideSearchPath(path);
     }
     pgrx::PgTryBuilder::new(std::panic::AssertUnwindSafe(f))
-        // SAFETY: pops exactly the path pushed above, restores the saved GUC value.
-        .finally(|| unsafe {
-            pg_sys::PopOverrideSearchPath();
-            pg_sys::plan_cache_mode = saved_mode;
+        .finally(move || {
+            // SAFETY: pops exactly the path pushed above.
+            unsafe { pg_sys::PopOverrideSearchPath() };
+            unpin(saved);
         })
         .execute()
 }

@@ -1,6 +1,5 @@
 //! Command-line flags and environment variables → [`Config`].
 
-use std::str::FromStr;
 use std::time::Duration;
 
 use clap::Parser;
@@ -27,17 +26,23 @@ on every host. IPv6 needs at least 1280";
 /// flow both ways. On SIGINT/SIGTERM the shim flushes, stores its cursor and prints a
 /// one-line counter summary on stdout; a second signal exits at once (status 1). While the
 /// database is unreachable the device stays up, packets from it are dropped and counted,
-/// and the shim reconnects with backoff (100 ms doubling to 5 s).
+/// and the shim reconnects with backoff (100 ms doubling to 5 s; each wait is drawn at random
+/// from its upper half, so that hosts do not all reconnect at once).
 ///
 /// Exit codes: 0 clean shutdown (SIGINT/SIGTERM), 1 other fatal error, 2 bad flags or
-/// connection string, 3 authentication failed / role is not a pgvpn peer / no privilege,
-/// 4 tun device could not be created or configured.
+/// connection string (or a certificate or key file it names is missing or unusable),
+/// 3 authentication failed / server certificate not accepted / role is not a pgvpn peer /
+/// no privilege, 4 tun device could not be created or configured.
 #[derive(Debug, Parser)]
 #[command(name = "pgvpn-shim", version, about, long_about)]
 pub struct Cli {
-    /// Connection string: libpq key=value ("host=/var/run/postgresql user=alice dbname=vpn")
-    /// or URL ("postgresql://alice@%2Fvar%2Frun%2Fpostgresql/vpn"). Host defaults to the
-    /// unix socket directory /var/run/postgresql, user to the OS user.
+    /// Connection string: libpq key=value ("host=db.example user=alice dbname=vpn") or URL
+    /// ("postgresql://alice@db.example/vpn"), with libpq's keywords and PG* variables
+    /// (PGHOST, PGSSLROOTCERT, ...; the string wins) and ~/.pgpass. Host defaults to the
+    /// unix socket directory /var/run/postgresql, user to the OS user. Over TCP the default
+    /// is sslmode=verify-full with ~/.postgresql/root.crt (sslrootcert=system: the OS
+    /// store), and ~/.postgresql/postgresql.crt/.key as client certificate if present; a
+    /// weaker sslmode must be written out and is warned about.
     #[arg(
         long,
         env = "PGVPN_DB",
@@ -100,7 +105,7 @@ fn parse_ifname(s: &str) -> Result<String, String> {
 /// Everything the shim needs, validated.
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub pg: postgres::Config,
+    pub pg: crate::conn::Settings,
     pub addresses: Vec<IpNet>,
     pub tun: String,
     pub mtu: u32,
@@ -112,15 +117,15 @@ pub struct Config {
 /// A configuration error that clap's own validation does not catch (exit code 2).
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("invalid --db connection string: {0}")]
-    ConnInfo(String),
+    #[error("--db: {0}")]
+    ConnInfo(#[from] crate::error::SettingsError),
     #[error("--mtu {0} is below 1280, the minimum for IPv6 address {1}")]
     MtuTooSmallForIpv6(u32, IpNet),
 }
 
 impl Config {
     pub fn from_cli(cli: Cli) -> Result<Config, ConfigError> {
-        let pg = parse_conninfo(&cli.db)?;
+        let pg = crate::conn::parse(&cli.db)?;
         if cli.mtu < MIN_MTU_IPV6 {
             if let Some(v6) = cli.address.iter().find(|c| c.addr().is_ipv6()) {
                 return Err(ConfigError::MtuTooSmallForIpv6(cli.mtu, *v6));
@@ -138,26 +143,10 @@ impl Config {
     }
 }
 
-/// Parses a libpq-style key=value string or a postgres:// URL, filling in libpq's defaults
-/// where the postgres crate has none (host: the Debian unix socket directory).
-pub fn parse_conninfo(s: &str) -> Result<postgres::Config, ConfigError> {
-    let mut pg = postgres::Config::from_str(s)
-        .map_err(|e| ConfigError::ConnInfo(crate::session::with_causes(&e)))?;
-    if pg.get_hosts().is_empty() && pg.get_hostaddrs().is_empty() {
-        pg.host("/var/run/postgresql");
-    }
-    if pg.get_connect_timeout().is_none() {
-        // A TCP host that silently drops packets must not stall a reconnect (or shutdown)
-        // for minutes.
-        pg.connect_timeout(Duration::from_secs(10));
-    }
-    Ok(pg)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use postgres::config::Host;
+    use crate::conn::Addr;
 
     /// clap reads the process environment on every parse and `environment_variables` sets
     /// PGVPN_*: every test here holds this lock so none sees another's variables.
@@ -184,8 +173,8 @@ mod tests {
         assert_eq!(cli.ack_every, 4096);
         let cfg = Config::from_cli(cli).unwrap();
         assert_eq!(cfg.addresses, vec![cidr::parse("198.18.0.1/15").unwrap()]);
-        assert_eq!(cfg.pg.get_user(), Some("alice"));
-        assert_eq!(cfg.pg.get_hosts(), &[Host::Unix("/tmp".into())]);
+        assert_eq!(cfg.pg.config().get_user(), Some("alice"));
+        assert_eq!(cfg.pg.targets()[0].addr, Addr::Unix("/tmp".into()));
         assert_eq!(cfg.ack_interval, Duration::from_millis(200));
     }
 
@@ -220,18 +209,9 @@ mod tests {
         );
         // no host given: the default unix socket directory
         assert_eq!(
-            cfg.pg.get_hosts(),
-            &[Host::Unix("/var/run/postgresql".into())]
+            cfg.pg.targets()[0].addr,
+            Addr::Unix("/var/run/postgresql".into())
         );
-    }
-
-    #[test]
-    fn url_with_socket_dir() {
-        let pg = parse_conninfo("postgresql://alice@%2Fvar%2Frun%2Fpostgresql:5433/vpn").unwrap();
-        assert_eq!(pg.get_hosts(), &[Host::Unix("/var/run/postgresql".into())]);
-        assert_eq!(pg.get_ports(), &[5433]);
-        assert_eq!(pg.get_dbname(), Some("vpn"));
-        assert_eq!(pg.get_user(), Some("alice"));
     }
 
     #[test]
@@ -311,8 +291,8 @@ mod tests {
             std::env::set_var(k, v);
         }
         let cfg = Config::from_cli(parse(&[]).unwrap()).unwrap();
-        assert_eq!(cfg.pg.get_user(), Some("bob"));
-        assert_eq!(cfg.pg.get_ports(), &[5544]);
+        assert_eq!(cfg.pg.config().get_user(), Some("bob"));
+        assert_eq!(cfg.pg.targets()[0].port, 5544);
         assert_eq!(cfg.addresses.len(), 2);
         assert_eq!(cfg.tun, "envtun");
         assert_eq!(cfg.mtu, 1400);

@@ -1,40 +1,32 @@
-//! The tun device: create it (TUNSETIFF ioctl), configure it (`ip`), read and write packets.
+//! The real tun device: created with the `tun` crate, configured with iproute2.
 //!
-//! The device is opened with a raw ioctl through `libc` rather than the `tun` crate: the shim
-//! needs one fd that a reader thread polls with a timeout (so it notices shutdown) while
-//! another thread writes to it concurrently. With a plain `File` both work through `&File`
-//! with no lock or split API, and it is about sixty lines.
+//! The `tun` crate opens /dev/net/tun (TUNSETIFF with `libc::ifreq`, IFF_TUN | IFF_NO_PI)
+//! and gives one fd whose `recv_timeout` (poll + read) and `send` both take `&self`: the
+//! reader thread polls it with a timeout, so it notices shutdown, while the downlink thread
+//! writes to it concurrently, with no lock or split halves.
+//!
+//! What the crate cannot do is the configuration: it sets a single IPv4 address
+//! (SIOCSIFADDR), no IPv6 address and not several; it has no `addrgenmode none`, which
+//! is netlink-only and must be set before the link goes up; and no txqueuelen. So the
+//! crate is told not to configure anything, and `ip` does all of it, in order.
 
-use std::ffi::CStr;
-use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
-use std::os::unix::io::AsRawFd;
+use std::io;
 use std::process::Command;
 use std::time::Duration;
 
 use ipnet::IpNet;
+use tun::AbstractDevice;
 
-const IFF_TUN: libc::c_short = 0x0001;
-const IFF_NO_PI: libc::c_short = 0x1000;
-/// `_IOW('T', 202, int)`
-const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+use crate::io::Tun;
 
-/// `struct ifreq` as TUNSETIFF reads it: the name, then `ifr_flags` at the start of the
-/// 24-byte union.
-#[repr(C)]
-struct IfReq {
-    name: [libc::c_char; libc::IFNAMSIZ],
-    flags: libc::c_short,
-    _pad: [u8; 22],
-}
+/// Queue length of the device, up from the kernel's default of 500: the reader thread
+/// drains it continuously, this absorbs bursts.
+const TXQUEUELEN: &str = "1000";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
-    #[error("cannot open /dev/net/tun: {0} (is the tun module loaded, and are we root / CAP_NET_ADMIN?)")]
-    Open(io::Error),
-    #[error("cannot create tun device {name}: {err}")]
-    Create { name: String, err: io::Error },
+    #[error("cannot create tun device {name}: {err} (is the tun module loaded, and are we root / CAP_NET_ADMIN?)")]
+    Create { name: String, err: tun::Error },
     #[error("configuring {name}: `{cmd}` failed: {msg}")]
     Ip {
         name: String,
@@ -43,52 +35,32 @@ pub enum DeviceError {
     },
 }
 
-/// An open tun device (IFF_TUN | IFF_NO_PI: each read or write is one bare IP packet).
-/// The device exists as long as this fd is open; dropping it removes the interface.
-#[derive(Debug)]
-pub struct Tun {
-    file: File,
+/// An open tun device: each read or write is one bare IP packet. The device exists as
+/// long as this is open; dropping it removes the interface.
+pub struct TunDevice {
+    dev: tun::Device,
     name: String,
 }
 
-impl Tun {
-    pub fn create(name: &str) -> Result<Tun, DeviceError> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open("/dev/net/tun")
-            .map_err(DeviceError::Open)?;
-        let mut req = IfReq {
-            name: [0; libc::IFNAMSIZ],
-            flags: IFF_TUN | IFF_NO_PI,
-            _pad: [0; 22],
+impl TunDevice {
+    pub fn create(name: &str) -> Result<TunDevice, DeviceError> {
+        let err = |err| DeviceError::Create {
+            name: name.to_string(),
+            err,
         };
-        for (dst, src) in req
-            .name
-            .iter_mut()
-            .zip(name.bytes().take(libc::IFNAMSIZ - 1))
-        {
-            *dst = src as libc::c_char;
-        }
-        // SAFETY: TUNSETIFF reads and writes one struct ifreq, which IfReq lays out.
-        let rc = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF as _, &mut req as *mut IfReq) };
-        if rc < 0 {
-            let err = io::Error::last_os_error();
-            return Err(DeviceError::Create {
-                name: name.to_string(),
-                err,
-            });
-        }
-        // SAFETY: the kernel wrote a NUL-terminated name (at most IFNAMSIZ - 1 bytes).
-        let name = unsafe { CStr::from_ptr(req.name.as_ptr()) }
-            .to_string_lossy()
-            .into_owned();
-        Ok(Tun { file, name })
-    }
-
-    pub fn name(&self) -> &str {
-        &self.name
+        let mut cfg = tun::Configuration::default();
+        cfg.tun_name(name).layer(tun::Layer::L3);
+        cfg.platform_config(|p| {
+            // No packet information header (IFF_NO_PI, the default), and no configuration
+            // by the crate: see the module comment.
+            p.ensure_root_privileges(false);
+        });
+        let dev = tun::create(&cfg).map_err(err)?;
+        // recv_timeout polls, then reads; non-blocking, a spurious wake-up cannot hang
+        // the reader, and try_recv can drain what is queued.
+        dev.set_nonblock().map_err(|e| err(e.into()))?;
+        let name = dev.tun_name().map_err(err)?;
+        Ok(TunDevice { dev, name })
     }
 
     /// Configures the device with iproute2 and brings it up:
@@ -104,7 +76,16 @@ impl Tun {
             Err(e) => return Err(e),
         }
         let mtu = mtu.to_string();
-        self.ip(&["link", "set", "dev", dev, "mtu", &mtu, "txqueuelen", "1000"])?;
+        self.ip(&[
+            "link",
+            "set",
+            "dev",
+            dev,
+            "mtu",
+            &mtu,
+            "txqueuelen",
+            TXQUEUELEN,
+        ])?;
         for a in addresses {
             self.ip(&["addr", "add", &a.to_string(), "dev", dev])?;
         }
@@ -134,45 +115,45 @@ impl Tun {
             .collect::<Vec<_>>();
         Err(err(format!("{} ({})", msg.join("; "), out.status)))
     }
+}
 
-    /// Waits up to `timeout` for a packet to read. False on timeout or signal.
-    pub fn wait_readable(&self, timeout: Duration) -> io::Result<bool> {
-        let mut pfd = libc::pollfd {
-            fd: self.file.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
-        // SAFETY: one valid pollfd.
-        let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
-        if rc < 0 {
-            let e = io::Error::last_os_error();
-            return if e.kind() == io::ErrorKind::Interrupted {
-                Ok(false)
-            } else {
-                Err(e)
-            };
-        }
-        // POLLERR / POLLHUP also count as "readable": the read reports the error.
-        Ok(rc > 0)
-    }
-
-    /// Reads one packet. `Ok(None)` when none is waiting (the fd is non-blocking).
-    pub fn read_packet(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {
-        loop {
-            match (&self.file).read(buf) {
-                Ok(n) => return Ok(Some(n)),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
+/// `Ok(None)` for "nothing there (yet)"; EINTR is retried.
+fn packet(mut r: impl FnMut() -> io::Result<usize>) -> io::Result<Option<usize>> {
+    loop {
+        match r() {
+            Ok(n) => return Ok(Some(n)),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Ok(None)
             }
+            Err(e) => return Err(e),
         }
     }
+}
 
-    /// Writes one packet (the kernel takes it whole or not at all).
-    pub fn write_packet(&self, pkt: &[u8]) -> io::Result<()> {
+impl Tun for TunDevice {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn recv_timeout(&self, buf: &mut [u8], timeout: Duration) -> io::Result<Option<usize>> {
+        // POLLERR / POLLHUP count as readable: the read then reports the error.
+        packet(|| self.dev.recv_timeout(buf, timeout))
+    }
+
+    fn try_recv(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        packet(|| self.dev.recv(buf))
+    }
+
+    /// The kernel takes a packet whole or not at all.
+    fn send(&self, pkt: &[u8]) -> io::Result<()> {
         loop {
-            match (&self.file).write(pkt) {
+            match self.dev.send(pkt) {
                 Ok(n) if n == pkt.len() => return Ok(()),
                 Ok(n) => {
                     return Err(io::Error::other(format!(
@@ -184,5 +165,32 @@ impl Tun {
                 Err(e) => return Err(e),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+
+    #[test]
+    fn read_results() {
+        assert_eq!(packet(|| Ok(60)).unwrap(), Some(60));
+        for kind in [io::ErrorKind::WouldBlock, io::ErrorKind::TimedOut] {
+            assert_eq!(packet(|| Err(kind.into())).unwrap(), None, "{kind:?}");
+        }
+        let calls = Cell::new(0);
+        let r = packet(|| {
+            calls.set(calls.get() + 1);
+            if calls.get() < 3 {
+                Err(io::ErrorKind::Interrupted.into())
+            } else {
+                Ok(1)
+            }
+        });
+        assert_eq!((r.unwrap(), calls.get()), (Some(1), 3), "EINTR is retried");
+        // Anything else is the caller's to report (EBADFD once the interface is deleted).
+        let e = packet(|| Err(io::Error::from_raw_os_error(77))).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(77));
     }
 }

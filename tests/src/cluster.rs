@@ -2,18 +2,24 @@
 //!
 //! * `initdb` and `pg_ctl` run as the `postgres` OS user (`runuser -u postgres --`) in a
 //!   fresh directory under the temp dir that is owned by `postgres`.
-//! * No TCP at all: `listen_addresses = ''`; the server is reached only through its unix
-//!   socket in that directory (sockets cross network namespaces). The port number only
-//!   names the socket file (`.s.PGSQL.<port>`).
+//! * No TCP by default: `listen_addresses = ''`; the server is reached only through its
+//!   unix socket in that directory (sockets cross network namespaces). The port number
+//!   names the socket file (`.s.PGSQL.<port>`). [`ClusterOptions`] can start it inside a
+//!   network namespace with TCP on an underlay address, TLS files and pg_hba lines (see
+//!   tests/tls_network.rs); the harness itself always uses the socket.
 //! * `fsync` / `synchronous_commit` are left at their (durable) defaults.
 //! * Local connections use `trust`: the directory is private to this test and only root
 //!   and `postgres` can reach the socket, so any role can be used by the test without
-//!   passwords (LOGIN roles behave like peers authenticated by the OS).
+//!   passwords (LOGIN roles behave like peers authenticated by the OS). The harness
+//!   connects through the shim's own connection code (`pgvpn_shim::conn`).
 //! * Drop stops the server (`pg_ctl stop -m immediate`) and removes the directory; if the
 //!   thread is panicking, the tail of the server log is printed first.
 
 use crate::util::{self, next_id, output, run_ok, tail, wait_for};
-use postgres::{Client, NoTls};
+use pgvpn_core::sql::quote_ident;
+use pgvpn_shim::conn;
+use pgvpn_shim::error::DbError;
+use postgres::Client;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -50,12 +56,22 @@ pub fn extension_available() -> bool {
 pub struct ClusterOptions {
     /// Extra `postgresql.conf` lines (e.g. `"log_min_messages = debug1"`).
     pub extra_conf: Vec<String>,
+    /// `pg_hba.conf` lines placed before initdb's (which are `local ... trust` and
+    /// `host ... reject`), so they decide for TCP.
+    pub hba: Vec<String>,
+    /// Run the server inside this network namespace (`ip netns exec`), e.g. to listen on
+    /// an underlay address there. The unix socket still works from anywhere.
+    pub netns: Option<String>,
+    /// Files copied into the data directory under these names, owned by `postgres` with
+    /// mode 0600 (certificates and keys for `ssl = on`).
+    pub data_files: Vec<(PathBuf, String)>,
 }
 
 pub struct Cluster {
     dir: PathBuf,
     port: u16,
     stopped: bool,
+    netns: Option<String>,
 }
 
 fn as_postgres(dir: &Path, program: &Path) -> Command {
@@ -120,6 +136,7 @@ impl Cluster {
             dir,
             port,
             stopped: true,
+            netns: opts.netns.clone(),
         };
 
         let data = cluster.data_dir();
@@ -144,6 +161,10 @@ impl Cluster {
             cluster.dir.display(),
             port
         );
+        if extension_available() {
+            // pgvpn keeps its wake-ups and counters in shared memory (pgvpn_ext/src/shmem.rs).
+            conf.push_str("shared_preload_libraries = 'pgvpn'\n");
+        }
         for line in &opts.extra_conf {
             conf.push_str(line);
             conf.push('\n');
@@ -152,15 +173,22 @@ impl Cluster {
         let mut existing = fs::read_to_string(&conf_path).expect("read postgresql.conf");
         existing.push_str(&conf);
         fs::write(&conf_path, existing).expect("write postgresql.conf");
+        if !opts.hba.is_empty() {
+            let hba_path = data.join("pg_hba.conf");
+            let defaults = fs::read_to_string(&hba_path).expect("read pg_hba.conf");
+            let mut hba = format!("# pgvpn test harness\n{}\n", opts.hba.join("\n"));
+            hba.push_str(&defaults);
+            fs::write(&hba_path, hba).expect("write pg_hba.conf");
+        }
+        for (from, name) in &opts.data_files {
+            let to = data.join(name);
+            fs::copy(from, &to)
+                .unwrap_or_else(|e| panic!("copy {} to {}: {e}", from.display(), to.display()));
+            run_ok(Command::new("chown").arg("postgres:postgres").arg(&to));
+            run_ok(Command::new("chmod").arg("0600").arg(&to));
+        }
 
-        let out = output(
-            as_postgres(&cluster.dir, &pg_bindir().join("pg_ctl"))
-                .arg("start")
-                .args(["-w", "-t", "60", "-D"])
-                .arg(&data)
-                .arg("-l")
-                .arg(cluster.log_file()),
-        );
+        let out = output(&mut cluster.pg_ctl_start());
         if !out.status.success() {
             panic!(
                 "pg_ctl start failed: {}\n{}\n--- server log ---\n{}",
@@ -229,8 +257,12 @@ impl Cluster {
         })
     }
 
-    pub fn try_connect(&self, role: &str, db: &str) -> Result<Client, postgres::Error> {
-        Client::connect(&self.conninfo(role, db), NoTls)
+    /// Through the shim's connection code, in a clean environment (no PG* variables, no
+    /// ~/.pgpass): the socket and trust, so the role is all that matters.
+    pub fn try_connect(&self, role: &str, db: &str) -> Result<Client, DbError> {
+        let settings = conn::parse_with(&self.conninfo(role, db), &conn::Env::empty())
+            .unwrap_or_else(|e| panic!("harness connection string: {e}"));
+        conn::connect(&settings, "pgvpn-tests")
     }
 
     /// Superuser `postgres` on database `db`.
@@ -262,18 +294,32 @@ impl Cluster {
             .unwrap_or_else(|e| panic!("CREATE ROLE {name}: {e}"));
     }
 
+    /// `pg_ctl start -w` as `postgres`, inside the cluster's network namespace if it has
+    /// one (the postmaster then lives there).
+    fn pg_ctl_start(&self) -> Command {
+        let mut c = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "runuser", "-u", "postgres", "--"])
+                    .arg(pg_bindir().join("pg_ctl"))
+                    .current_dir(&self.dir);
+                c
+            }
+            None => as_postgres(&self.dir, &pg_bindir().join("pg_ctl")),
+        };
+        c.arg("start")
+            .args(["-w", "-t", "60", "-D"])
+            .arg(self.data_dir())
+            .arg("-l")
+            .arg(self.log_file());
+        c
+    }
+
     /// Crash-restart: `pg_ctl stop -m immediate` (no checkpoint, like a power cut for the
     /// server process) and start again; WAL recovery replays what was committed.
     pub fn restart_immediate(&mut self) {
         self.stop();
-        let out = output(
-            as_postgres(&self.dir, &pg_bindir().join("pg_ctl"))
-                .arg("start")
-                .args(["-w", "-t", "60", "-D"])
-                .arg(self.data_dir())
-                .arg("-l")
-                .arg(self.log_file()),
-        );
+        let out = output(&mut self.pg_ctl_start());
         assert!(
             out.status.success(),
             "pg_ctl start (after immediate stop) failed: {}\n--- server log ---\n{}",
@@ -322,8 +368,6 @@ impl Drop for Cluster {
         }
     }
 }
-
-pub use pgvpn_core::sql::{quote_ident, quote_literal};
 
 /// A readable rendering of a postgres error, with SQLSTATE and server message.
 pub fn db_error(e: &postgres::Error) -> String {

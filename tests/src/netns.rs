@@ -159,7 +159,6 @@ impl Netns {
         Bg {
             child: Some(child),
             what,
-            ns: self.name.clone(),
         }
     }
 
@@ -181,11 +180,6 @@ impl Netns {
             .collect();
         assert_eq!(v.len(), 2, "unexpected counters output {out:?}");
         (v[0], v[1])
-    }
-
-    /// Does a link exist in the namespace?
-    pub fn has_link(&self, dev: &str) -> bool {
-        self.try_ip(&["link", "show", "dev", dev]).status.success()
     }
 
     /// Create a persistent tun device (survives the process that uses it, so its
@@ -223,7 +217,6 @@ impl Drop for Netns {
 pub struct Bg {
     child: Option<Child>,
     what: String,
-    ns: String,
 }
 
 impl Bg {
@@ -283,6 +276,5 @@ impl Drop for Bg {
             }
             let _ = c.wait();
         }
-        let _ = &self.ns;
     }
 }

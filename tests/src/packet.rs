@@ -1,228 +1,73 @@
-//! Hand-built raw IP packets (IPv4/IPv6 carrying UDP, TCP or ICMP echo) for SQL-level
-//! tests. Lengths are always correct; checksums are computed (IPv4 header, UDP/TCP/ICMP
-//! with the pseudo-header where the protocol has one).
+//! Raw IP packets for the SQL-level tests and the bench: well-formed ones are built by
+//! etherparse's `PacketBuilder` (lengths and checksums right), the malformed ones it
+//! refuses to build are in [`bad`], and [`parse`] reads a packet back with etherparse's
+//! slicing.
 
+use etherparse::{IpHeaders, NetSlice, PacketBuilder, PacketBuilderStep, SlicedPacket};
+use etherparse::{TcpHeader, TransportSlice};
 use std::net::IpAddr;
 
-pub const PROTO_ICMP: u8 = 1;
-pub const PROTO_TCP: u8 = 6;
-pub const PROTO_UDP: u8 = 17;
-pub const PROTO_ICMPV6: u8 = 58;
-
+/// TCP flag bits, as the log's `tcp_flags` column stores them.
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_PSH: u8 = 0x08;
 pub const TCP_ACK: u8 = 0x10;
 
-/// The transport part of a packet.
-#[derive(Clone, Debug)]
-pub enum L4 {
-    Udp {
-        sport: u16,
-        dport: u16,
-    },
-    Tcp {
-        sport: u16,
-        dport: u16,
-        flags: u8,
-        seq: u32,
-        ack: u32,
-    },
-    /// ICMP (v4) or ICMPv6 echo request (`reply = false`) / reply.
-    Echo {
-        id: u16,
-        seq: u16,
-        reply: bool,
-    },
-}
-
-fn sum16(data: &[u8], mut acc: u32) -> u32 {
-    let mut chunks = data.chunks_exact(2);
-    for c in &mut chunks {
-        acc += u16::from_be_bytes([c[0], c[1]]) as u32;
-    }
-    if let [last] = chunks.remainder() {
-        acc += (*last as u32) << 8;
-    }
-    acc
-}
-
-fn fold(mut acc: u32) -> u16 {
-    while acc >> 16 != 0 {
-        acc = (acc & 0xffff) + (acc >> 16);
-    }
-    !(acc as u16)
-}
-
-/// Internet checksum of `data`.
-pub fn checksum(data: &[u8]) -> u16 {
-    fold(sum16(data, 0))
-}
-
-fn pseudo_sum(src: IpAddr, dst: IpAddr, proto: u8, len: usize) -> u32 {
-    let mut acc = 0;
-    match (src, dst) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => {
-            acc = sum16(&s.octets(), acc);
-            acc = sum16(&d.octets(), acc);
-            acc += proto as u32;
-            acc += len as u32;
-        }
-        (IpAddr::V6(s), IpAddr::V6(d)) => {
-            acc = sum16(&s.octets(), acc);
-            acc = sum16(&d.octets(), acc);
-            acc += (len as u32) >> 16;
-            acc += (len as u32) & 0xffff;
-            acc += proto as u32;
-        }
-        _ => panic!("mixed address families"),
-    }
-    acc
-}
-
-/// Build the transport segment (header + payload) with its checksum.
-fn transport(src: IpAddr, dst: IpAddr, l4: &L4, payload: &[u8]) -> (u8, Vec<u8>) {
-    let v6 = src.is_ipv6();
-    let (proto, mut seg, csum_at) = match *l4 {
-        L4::Udp { sport, dport } => {
-            let len = 8 + payload.len();
-            let mut s = Vec::with_capacity(len);
-            s.extend_from_slice(&sport.to_be_bytes());
-            s.extend_from_slice(&dport.to_be_bytes());
-            s.extend_from_slice(&(len as u16).to_be_bytes());
-            s.extend_from_slice(&[0, 0]);
-            (PROTO_UDP, s, 6)
-        }
-        L4::Tcp {
-            sport,
-            dport,
-            flags,
-            seq,
-            ack,
-        } => {
-            let mut s = Vec::with_capacity(20 + payload.len());
-            s.extend_from_slice(&sport.to_be_bytes());
-            s.extend_from_slice(&dport.to_be_bytes());
-            s.extend_from_slice(&seq.to_be_bytes());
-            s.extend_from_slice(&ack.to_be_bytes());
-            s.push(5 << 4); // data offset: 5 words, no options
-            s.push(flags);
-            s.extend_from_slice(&65535u16.to_be_bytes()); // window
-            s.extend_from_slice(&[0, 0]); // checksum
-            s.extend_from_slice(&[0, 0]); // urgent pointer
-            (PROTO_TCP, s, 16)
-        }
-        L4::Echo { id, seq, reply } => {
-            let ty = match (v6, reply) {
-                (false, false) => 8,
-                (false, true) => 0,
-                (true, false) => 128,
-                (true, true) => 129,
-            };
-            let mut s = vec![ty, 0, 0, 0];
-            s.extend_from_slice(&id.to_be_bytes());
-            s.extend_from_slice(&seq.to_be_bytes());
-            (if v6 { PROTO_ICMPV6 } else { PROTO_ICMP }, s, 2)
-        }
-    };
-    seg.extend_from_slice(payload);
-    let acc = if proto == PROTO_ICMP {
-        0
-    } else {
-        pseudo_sum(src, dst, proto, seg.len())
-    };
-    let mut c = fold(sum16(&seg, acc));
-    if proto == PROTO_UDP && c == 0 {
-        c = 0xffff;
-    }
-    seg[csum_at..csum_at + 2].copy_from_slice(&c.to_be_bytes());
-    (proto, seg)
-}
-
-/// Wrap a transport segment in an IPv4 or IPv6 header.
-pub fn ip_wrap(src: IpAddr, dst: IpAddr, proto: u8, seg: &[u8]) -> Vec<u8> {
-    match (src, dst) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => {
-            let total = 20 + seg.len();
-            assert!(total <= 65535, "IPv4 packet too large");
-            let mut p = Vec::with_capacity(total);
-            p.push(0x45);
-            p.push(0);
-            p.extend_from_slice(&(total as u16).to_be_bytes());
-            p.extend_from_slice(&0x1234u16.to_be_bytes()); // identification
-            p.extend_from_slice(&0x4000u16.to_be_bytes()); // DF
-            p.push(64); // TTL
-            p.push(proto);
-            p.extend_from_slice(&[0, 0]);
-            p.extend_from_slice(&s.octets());
-            p.extend_from_slice(&d.octets());
-            let c = checksum(&p[..20]);
-            p[10..12].copy_from_slice(&c.to_be_bytes());
-            p.extend_from_slice(seg);
-            p
-        }
-        (IpAddr::V6(s), IpAddr::V6(d)) => {
-            let mut p = Vec::with_capacity(40 + seg.len());
-            p.extend_from_slice(&0x6000_0000u32.to_be_bytes());
-            p.extend_from_slice(&(seg.len() as u16).to_be_bytes());
-            p.push(proto);
-            p.push(64); // hop limit
-            p.extend_from_slice(&s.octets());
-            p.extend_from_slice(&d.octets());
-            p.extend_from_slice(seg);
-            p
-        }
-        _ => panic!("mixed address families: {src} -> {dst}"),
-    }
-}
-
-/// A complete IP packet.
-pub fn build(src: IpAddr, dst: IpAddr, l4: L4, payload: &[u8]) -> Vec<u8> {
-    let (proto, seg) = transport(src, dst, &l4, payload);
-    ip_wrap(src, dst, proto, &seg)
-}
+const TTL: u8 = 64;
 
 fn addr(s: &str) -> IpAddr {
     s.parse().unwrap_or_else(|_| panic!("bad address {s}"))
 }
 
-/// UDP packet; addresses as strings (v4 or v6).
-pub fn udp(src: &str, dst: &str, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
-    build(addr(src), addr(dst), L4::Udp { sport, dport }, payload)
+/// The IP layer of a packet from `src` to `dst` (both v4 or both v6).
+fn ip(src: &str, dst: &str) -> (PacketBuilderStep<IpHeaders>, bool) {
+    match (addr(src), addr(dst)) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => (PacketBuilder::ipv4(s.octets(), d.octets(), TTL), false),
+        (IpAddr::V6(s), IpAddr::V6(d)) => (PacketBuilder::ipv6(s.octets(), d.octets(), TTL), true),
+        (s, d) => panic!("mixed address families: {s} -> {d}"),
+    }
 }
 
-/// TCP segment with the given flags.
+/// Serializes a finished builder step: every step type has its own inherent
+/// `size`/`write`, so this is a macro rather than a generic function.
+macro_rules! serialize {
+    ($builder:expr, $payload:expr) => {{
+        let (b, payload) = ($builder, $payload);
+        let mut out = Vec::with_capacity(b.size(payload.len()));
+        b.write(&mut out, payload)
+            .unwrap_or_else(|e| panic!("etherparse cannot build the packet: {e}"));
+        out
+    }};
+}
+
+/// UDP packet; addresses as strings (v4 or v6).
+pub fn udp(src: &str, dst: &str, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    serialize!(ip(src, dst).0.udp(sport, dport), payload)
+}
+
+/// TCP segment with the given flags (`TCP_*` bits), sequence number 1000.
 pub fn tcp(src: &str, dst: &str, sport: u16, dport: u16, flags: u8, payload: &[u8]) -> Vec<u8> {
-    build(
-        addr(src),
-        addr(dst),
-        L4::Tcp {
-            sport,
-            dport,
-            flags,
-            seq: 1000,
-            ack: 0,
-        },
-        payload,
-    )
+    let known = TCP_FIN | TCP_SYN | TCP_RST | TCP_PSH | TCP_ACK;
+    assert_eq!(flags & !known, 0, "unsupported TCP flags {flags:#04x}");
+    let mut h = TcpHeader::new(sport, dport, 1000, 65535);
+    h.fin = flags & TCP_FIN != 0;
+    h.syn = flags & TCP_SYN != 0;
+    h.rst = flags & TCP_RST != 0;
+    h.psh = flags & TCP_PSH != 0;
+    h.ack = flags & TCP_ACK != 0;
+    serialize!(ip(src, dst).0.tcp_header(h), payload)
 }
 
 /// ICMP / ICMPv6 echo request.
 pub fn ping(src: &str, dst: &str, id: u16, seq: u16, payload: &[u8]) -> Vec<u8> {
-    build(
-        addr(src),
-        addr(dst),
-        L4::Echo {
-            id,
-            seq,
-            reply: false,
-        },
-        payload,
-    )
+    match ip(src, dst) {
+        (b, false) => serialize!(b.icmpv4_echo_request(id, seq), payload),
+        (b, true) => serialize!(b.icmpv6_echo_request(id, seq), payload),
+    }
 }
 
-/// Some kinds of malformed packets.
+/// Malformed packets: what etherparse (rightly) will not build.
 pub mod bad {
     /// Empty.
     pub fn empty() -> Vec<u8> {
@@ -264,69 +109,95 @@ pub struct Summary {
     pub version: u8,
     pub src: IpAddr,
     pub dst: IpAddr,
+    /// The IP protocol number of the transport (`etherparse::IpNumber::UDP.0`, ...).
     pub protocol: u8,
     /// Transport payload (after the UDP/TCP/ICMP header).
     pub payload: Vec<u8>,
 }
 
-/// Parse a packet built by this module (IPv4 without options / IPv6 without extension
-/// headers). Returns None if it does not look like one.
+/// An IP packet carrying UDP, TCP or ICMP(v6); None if etherparse cannot slice it.
 pub fn parse(p: &[u8]) -> Option<Summary> {
-    let version = *p.first()? >> 4;
-    let (src, dst, proto, l4): (IpAddr, IpAddr, u8, &[u8]) = match version {
-        4 => {
-            let ihl = ((p[0] & 0x0f) as usize) * 4;
-            let total = u16::from_be_bytes([*p.get(2)?, *p.get(3)?]) as usize;
-            if ihl < 20 || p.len() < total || total < ihl {
-                return None;
-            }
-            let s: [u8; 4] = p[12..16].try_into().ok()?;
-            let d: [u8; 4] = p[16..20].try_into().ok()?;
-            (s.into(), d.into(), p[9], &p[ihl..total])
-        }
-        6 => {
-            if p.len() < 40 {
-                return None;
-            }
-            let plen = u16::from_be_bytes([p[4], p[5]]) as usize;
-            if p.len() < 40 + plen {
-                return None;
-            }
-            let s: [u8; 16] = p[8..24].try_into().ok()?;
-            let d: [u8; 16] = p[24..40].try_into().ok()?;
-            (s.into(), d.into(), p[6], &p[40..40 + plen])
-        }
-        _ => return None,
+    let s = SlicedPacket::from_ip(p).ok()?;
+    let (version, src, dst) = match s.net.as_ref()? {
+        NetSlice::Ipv4(ip) => (
+            4,
+            ip.header().source_addr().into(),
+            ip.header().destination_addr().into(),
+        ),
+        NetSlice::Ipv6(ip) => (
+            6,
+            ip.header().source_addr().into(),
+            ip.header().destination_addr().into(),
+        ),
+        NetSlice::Arp(_) => return None,
     };
-    let hdr = match proto {
-        PROTO_UDP | PROTO_ICMP | PROTO_ICMPV6 => 8,
-        PROTO_TCP => ((*l4.get(12)? >> 4) as usize) * 4,
-        _ => 0,
+    let protocol = s.ip_payload()?.ip_number.0;
+    let payload = match s.transport.as_ref()? {
+        TransportSlice::Udp(u) => u.payload(),
+        TransportSlice::Tcp(t) => t.payload(),
+        TransportSlice::Icmpv4(i) => i.payload(),
+        TransportSlice::Icmpv6(i) => i.payload(),
+        TransportSlice::Igmp(_) => return None,
     };
     Some(Summary {
         version,
         src,
         dst,
-        protocol: proto,
-        payload: l4.get(hdr..)?.to_vec(),
+        protocol,
+        payload: payload.to_vec(),
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use etherparse::{IpNumber, NetHeaders, PacketHeaders, TransportHeader};
+
+    /// The checksums etherparse wrote verify when recomputed from the parsed headers.
+    fn checksums_verify(p: &[u8]) -> bool {
+        let h = PacketHeaders::from_ip_slice(p).expect("parses");
+        let payload = h.payload.slice();
+        let l4 = match (h.net.as_ref().unwrap(), h.transport.as_ref().unwrap()) {
+            (NetHeaders::Ipv4(ip, _), TransportHeader::Udp(u)) => {
+                u.calc_checksum_ipv4(ip, payload).unwrap() == u.checksum
+            }
+            (NetHeaders::Ipv4(ip, _), TransportHeader::Tcp(t)) => {
+                t.calc_checksum_ipv4(ip, payload).unwrap() == t.checksum
+            }
+            (NetHeaders::Ipv6(ip, _), TransportHeader::Tcp(t)) => {
+                t.calc_checksum_ipv6(ip, payload).unwrap() == t.checksum
+            }
+            (NetHeaders::Ipv6(ip, _), TransportHeader::Icmpv6(i)) => {
+                i.icmp_type
+                    .calc_checksum(ip.source, ip.destination, payload)
+                    .unwrap()
+                    == i.checksum
+            }
+            (_, TransportHeader::Icmpv4(i)) => i.icmp_type.calc_checksum(payload) == i.checksum,
+            other => panic!("no checksum check for {other:?}"),
+        };
+        let ip_ok = match h.net.as_ref().unwrap() {
+            NetHeaders::Ipv4(ip, _) => ip.calc_header_checksum() == ip.header_checksum,
+            _ => true,
+        };
+        l4 && ip_ok
+    }
 
     #[test]
     fn ipv4_udp_layout_and_checksums() {
         let p = udp("198.18.0.1", "198.18.0.2", 1234, 5678, b"hello");
         assert_eq!(p.len(), 20 + 8 + 5);
         assert_eq!(u16::from_be_bytes([p[2], p[3]]) as usize, p.len());
-        assert_eq!(checksum(&p[..20]), 0, "IPv4 header checksum verifies");
-        let acc = pseudo_sum(addr("198.18.0.1"), addr("198.18.0.2"), PROTO_UDP, 13);
-        assert_eq!(fold(sum16(&p[20..], acc)), 0, "UDP checksum verifies");
+        assert!(checksums_verify(&p));
         let s = parse(&p).unwrap();
         assert_eq!(s.payload, b"hello");
-        assert_eq!(s.protocol, PROTO_UDP);
+        assert_eq!(s.protocol, IpNumber::UDP.0);
+        // pgvpn's own decoder reads the same packet.
+        let d = pgvpn_core::decode(&p).unwrap();
+        assert_eq!(
+            (d.src_port, d.dst_port, d.length),
+            (Some(1234), Some(5678), 33)
+        );
     }
 
     #[test]
@@ -336,24 +207,23 @@ mod tests {
             "fd00:5067:7670::2",
             40000,
             80,
-            TCP_SYN,
+            TCP_SYN | TCP_ACK,
             b"",
         );
         assert_eq!(p.len(), 40 + 20);
-        assert_eq!(p[6], PROTO_TCP);
-        let acc = pseudo_sum(
-            addr("fd00:5067:7670::1"),
-            addr("fd00:5067:7670::2"),
-            PROTO_TCP,
-            20,
-        );
-        assert_eq!(fold(sum16(&p[40..], acc)), 0);
+        assert_eq!(p[6], IpNumber::TCP.0);
+        assert!(checksums_verify(&p));
+        assert_eq!(pgvpn_core::decode(&p).unwrap().tcp_flags, Some(0x12));
         let e = ping("fd00:5067:7670::1", "fd00:5067:7670::2", 7, 1, b"abc");
         assert_eq!(e[40], 128);
+        assert!(checksums_verify(&e));
         assert_eq!(parse(&e).unwrap().payload, b"abc");
         let e4 = ping("198.18.0.1", "198.18.0.2", 7, 1, b"abcd");
         assert_eq!(e4[20], 8);
-        assert_eq!(checksum(&e4[20..]), 0);
+        assert!(checksums_verify(&e4));
+        let t4 = tcp("198.18.0.1", "198.18.0.2", 1, 2, TCP_ACK, b"data");
+        assert!(checksums_verify(&t4));
+        assert_eq!(parse(&t4).unwrap().payload, b"data");
     }
 
     #[test]

@@ -20,21 +20,6 @@ pub fn shim_path() -> PathBuf {
     target.join("release/pgvpn-shim")
 }
 
-/// The tun MTU the shim uses without `--mtu`, read from its `--help` ("[default: N]").
-pub fn shim_default_mtu() -> u32 {
-    let out = std::process::Command::new(shim_path())
-        .arg("--help")
-        .output()
-        .unwrap_or_else(|e| panic!("{} --help: {e}", shim_path().display()));
-    let help = String::from_utf8_lossy(&out.stdout);
-    let mtu = help.split("--mtu").nth(1).unwrap_or_default();
-    mtu.split("[default: ")
-        .nth(1)
-        .and_then(|rest| rest.split(']').next())
-        .and_then(|n| n.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no MTU default in `pgvpn-shim --help`:\n{help}"))
-}
-
 /// What to start.
 #[derive(Clone, Debug)]
 pub struct ShimSpec {
@@ -48,6 +33,8 @@ pub struct ShimSpec {
     pub tun: String,
     /// Anything else to pass.
     pub extra_args: Vec<String>,
+    /// Environment variables for the shim (e.g. PGSSLROOTCERT), on top of the test's.
+    pub env: Vec<(String, String)>,
 }
 
 impl ShimSpec {
@@ -58,8 +45,40 @@ impl ShimSpec {
             address: address.to_string(),
             tun: tun.to_string(),
             extra_args: Vec::new(),
+            env: Vec::new(),
         }
     }
+
+    /// The shim's command line inside `ns`.
+    fn command(&self, ns: &Netns) -> std::process::Command {
+        let bin = shim_path();
+        assert!(
+            bin.exists(),
+            "pgvpn-shim not found at {} (build it with `cargo build --release -p pgvpn-shim` or set PGVPN_SHIM)",
+            bin.display()
+        );
+        let mut cmd = ns.command(&bin);
+        cmd.args([
+            "--db",
+            &self.conninfo,
+            "--address",
+            &self.address,
+            "--tun",
+            &self.tun,
+        ]);
+        cmd.args(&self.extra_args);
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
+        cmd
+    }
+}
+
+fn log_path(ns: &Netns) -> PathBuf {
+    std::env::temp_dir().join(format!(
+        "pgvpn-shim-{}-{}-{}.log",
+        std::process::id(),
+        next_id(),
+        ns.name()
+    ))
 }
 
 pub struct Shim {
@@ -88,29 +107,9 @@ impl Shim {
     /// has a database session. Panics (printing the shim's stderr) if it does not get
     /// there within 30 s or exits.
     pub fn start(ns: &Netns, cluster: &Cluster, spec: &ShimSpec) -> Shim {
-        let bin = shim_path();
-        assert!(
-            bin.exists(),
-            "pgvpn-shim not found at {} (build it with `cargo build --release -p pgvpn-shim` or set PGVPN_SHIM)",
-            bin.display()
-        );
         let before = backends_of(cluster, &spec.role);
-        let log = std::env::temp_dir().join(format!(
-            "pgvpn-shim-{}-{}-{}.log",
-            std::process::id(),
-            next_id(),
-            ns.name()
-        ));
-        let mut cmd = ns.command(&bin);
-        cmd.args([
-            "--db",
-            &spec.conninfo,
-            "--address",
-            &spec.address,
-            "--tun",
-            &spec.tun,
-        ]);
-        cmd.args(&spec.extra_args);
+        let log = log_path(ns);
+        let cmd = spec.command(ns);
         let bg = ns.spawn_command(cmd, Some(&log), Some(&log));
         let mut shim = Shim {
             bg,
@@ -176,6 +175,27 @@ impl Shim {
             ),
         }
         shim
+    }
+
+    /// Runs the shim in `ns` expecting it to fail: waits up to `timeout` for it to exit
+    /// and returns its exit code and output (panics if it is still running). For the
+    /// startup refusals: bad settings (2), certificate or login refused (3).
+    pub fn run_to_exit(ns: &Netns, spec: &ShimSpec, timeout: Duration) -> (Option<i32>, String) {
+        let log = log_path(ns);
+        let mut bg = ns.spawn_command(spec.command(ns), Some(&log), Some(&log));
+        let status = bg.wait_timeout(timeout);
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let _ = std::fs::remove_file(&log);
+        match status {
+            Some(st) => (st.code(), text),
+            None => {
+                bg.kill();
+                panic!(
+                    "pgvpn-shim in {} still running after {timeout:?}; its output:\n{text}",
+                    ns.name()
+                );
+            }
+        }
     }
 
     pub fn pid(&self) -> u32 {

@@ -1,6 +1,7 @@
 //! Thin helpers over the pgvpn SQL API (admin side) and small query utilities.
 
-use crate::cluster::{db_error, quote_ident, Cluster};
+use crate::cluster::{db_error, Cluster};
+use pgvpn_core::sql::quote_ident;
 use postgres::Client;
 
 /// `CREATE ROLE <role> LOGIN` + `pgvpn.add_peer(name, role, allowed_ips)`; returns the
@@ -66,6 +67,18 @@ pub fn recv(c: &mut Client, after: i64, max: i32) -> Vec<(i64, Vec<u8>)> {
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect()
+}
+
+/// `pgvpn.ack(upto_id)` as the connected peer; returns the stored cursor.
+pub fn ack(c: &mut Client, upto_id: i64) -> i64 {
+    c.query_one(pgvpn_core::sql::ACK, &[&upto_id])
+        .unwrap_or_else(|e| panic!("pgvpn.ack({upto_id}): {}", db_error(&e)))
+        .get(0)
+}
+
+/// `pgvpn.cursor()` as the connected peer: its stored delivery cursor.
+pub fn cursor(c: &mut Client) -> i64 {
+    scalar_i64(c, pgvpn_core::sql::CURSOR)
 }
 
 /// A single bigint from a query (NULL → 0).

@@ -25,10 +25,7 @@ fn cluster_starts_without_extension_and_is_socket_only() {
     cluster.create_db("x");
     cluster.create_login_role("someone");
     let mut c = cluster.connect("someone", "x");
-    let who: String = c
-        .query_one("SELECT current_user::text", &[])
-        .unwrap()
-        .get(0);
+    let who: String = c.query_one(pgvpn_core::sql::WHOAMI, &[]).unwrap().get(0);
     assert_eq!(who, "someone");
     assert!(cluster
         .conninfo("someone", "x")

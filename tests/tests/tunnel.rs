@@ -320,7 +320,7 @@ fn tunnel_end_to_end() {
     eprintln!("counters and log agree: {last:#?}");
     // Each TCP segment is at most one MTU (the shim's default here): 4 MiB is at least
     // bytes / MTU packets.
-    let min_segments = bytes / u64::from(pgvpn_tests::shim::shim_default_mtu());
+    let min_segments = bytes / u64::from(pgvpn_core::limits::DEFAULT_MTU);
     assert!(
         last.a_tx > min_segments,
         "the TCP transfer alone is > {min_segments} packets: {last:?}"

@@ -5,7 +5,7 @@
 
 use super::topology::{ALICE, BOB, DB};
 use super::{check_interrupt, Result};
-use pgvpn_tests::sql::{recv, scalar_i64, send};
+use pgvpn_tests::sql::{cursor, recv, scalar_i64, send};
 use pgvpn_tests::{db_error, packet, Cluster, Rng};
 use std::time::{Duration, Instant};
 
@@ -53,7 +53,7 @@ pub fn measure(cluster: &Cluster, size: usize, secs: f64) -> Result<Ceiling> {
     let packets = batch(size);
     let mut alice = cluster.connect("alice", DB);
     let mut bob = cluster.connect("bob", DB);
-    let start_cursor = scalar_i64(&mut bob, "SELECT pgvpn.cursor()");
+    let start_cursor = cursor(&mut bob);
 
     let limit = Duration::from_secs_f64(secs);
     let t = Instant::now();
@@ -95,7 +95,7 @@ pub fn measure(cluster: &Cluster, size: usize, secs: f64) -> Result<Ceiling> {
         &mut cluster.superuser(DB),
         "SELECT last_value FROM pgvpn.packet_id",
     );
-    bob.execute("SELECT pgvpn.ack($1)", &[&newest])
+    bob.execute(pgvpn_core::sql::ACK, &[&newest])
         .map_err(|e| format!("pgvpn.ack: {}", db_error(&e)))?;
     Ok(Ceiling {
         size,
@@ -122,7 +122,7 @@ mod tests {
                     (s.src.to_string().as_str(), s.dst.to_string().as_str()),
                     (ALICE, BOB)
                 );
-                assert_eq!(s.protocol, packet::PROTO_UDP);
+                assert_eq!(s.protocol, etherparse::IpNumber::UDP.0);
             }
         }
     }

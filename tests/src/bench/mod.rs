@@ -22,25 +22,22 @@ pub mod plan;
 pub mod report;
 pub mod topology;
 
+use signal_hook::consts::{SIGINT, SIGTERM};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock};
 
 /// Measurement errors are plain messages: a benchmark reports them and goes on.
 pub type Result<T> = std::result::Result<T, String>;
 
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::SeqCst);
-}
+static INTERRUPTED: LazyLock<Arc<AtomicBool>> = LazyLock::new(Arc::default);
 
 /// SIGINT / SIGTERM only set a flag; the long waits poll it and unwind normally, so the
 /// Drop guards clean up. (On Ctrl-C the terminal also signals our children directly.)
 pub fn install_signal_handlers() {
-    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-    unsafe {
-        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    for sig in [SIGINT, SIGTERM] {
+        signal_hook::flag::register(sig, Arc::clone(&INTERRUPTED))
+            .unwrap_or_else(|e| panic!("install the handler for signal {sig}: {e}"));
     }
 }
 

@@ -16,6 +16,7 @@ use super::logcheck::Verdict;
 use super::measure::{self, Hosts, Iperf, Pinger};
 use super::topology::{foreign_namespaces, Direct, Tunnel};
 use super::{interrupted, sleep, Result, Scratch};
+use pgvpn_core::limits::DEFAULT_MTU;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -97,7 +98,7 @@ pub fn run(
     let mut r = RunResult::default();
     let secs = s.seconds as f64;
 
-    let default_mtu = pgvpn_tests::shim::shim_default_mtu() as usize;
+    let default_mtu = DEFAULT_MTU as usize;
     let sizes = [
         ("1400B", CEILING_SIZE),
         ("default", default_mtu),
@@ -157,7 +158,7 @@ pub fn run(
         }
     }
 
-    let default_mtu = r.default_mtu.unwrap_or(1500);
+    let default_mtu = r.default_mtu.unwrap_or(DEFAULT_MTU);
     for (which, mtu) in [("default", default_mtu), ("jumbo", s.jumbo_mtu)] {
         progress(&mut r, n, &format!("direct veth, MTU {mtu}"));
         direct.set_mtu(mtu);

@@ -111,6 +111,7 @@ impl Tunnel {
     pub fn new() -> Tunnel {
         let cluster = Cluster::start_with(ClusterOptions {
             extra_conf: BENCH_CONF.iter().map(|s| s.to_string()).collect(),
+            ..ClusterOptions::default()
         });
         cluster.create_db(DB);
         cluster.create_extension(DB);

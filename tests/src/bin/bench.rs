@@ -17,6 +17,7 @@ use bench::plan::{self, RunResult, Settings};
 use bench::report::{self, Env, Table};
 use bench::topology::{Direct, Tunnel, BENCH_CONF, DB};
 use bench::{interrupted, Scratch};
+use pgvpn_core::limits::{DEFAULT_MTU, MAX_PACKET, MIN_MTU_IPV6};
 use pgvpn_tests::util;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -55,8 +56,11 @@ fn parse_args(args: &[String]) -> Result<Settings, String> {
     if quick {
         (s.runs, s.seconds) = (1, 3);
     }
-    if !(1280..=65535).contains(&s.jumbo_mtu) {
-        return Err("--jumbo-mtu must be between 1280 and 65535".into());
+    let max_mtu = MAX_PACKET as u32;
+    if !(MIN_MTU_IPV6..=max_mtu).contains(&s.jumbo_mtu) {
+        return Err(format!(
+            "--jumbo-mtu must be between {MIN_MTU_IPV6} and {max_mtu}"
+        ));
     }
     s.udp_seconds = s.seconds.min(5);
     Ok(s)
@@ -152,7 +156,10 @@ fn run(settings: &Settings) -> i32 {
     drop(tunnel);
 
     let median = report::medians(&runs);
-    let default_mtu = runs.iter().find_map(|r| r.default_mtu).unwrap_or(1500);
+    let default_mtu = runs
+        .iter()
+        .find_map(|r| r.default_mtu)
+        .unwrap_or(DEFAULT_MTU);
     let checks: Vec<(usize, &str, &Verdict)> = runs
         .iter()
         .enumerate()

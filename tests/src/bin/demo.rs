@@ -12,16 +12,14 @@ use pgvpn_tests::sql::{add_peer, create_auditor};
 use pgvpn_tests::{Cluster, Netns, Shim, ShimSpec};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 const DB: &str = "vpn";
 const TUN: &str = "pgvpn0";
 
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_sigint(_: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::SeqCst);
-}
+/// Set by SIGINT; the tour checks it between steps and unwinds, so Drop tears down.
+static INTERRUPTED: LazyLock<Arc<AtomicBool>> = LazyLock::new(Arc::default);
 
 fn interrupted() -> bool {
     INTERRUPTED.load(Ordering::SeqCst)
@@ -92,10 +90,8 @@ fn main() {
         eprintln!("demo: {e}");
         std::process::exit(1);
     }
-    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-    unsafe {
-        libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t);
-    }
+    signal_hook::flag::register(signal_hook::consts::SIGINT, Arc::clone(&INTERRUPTED))
+        .expect("install the SIGINT handler");
     tour();
     if interrupted() {
         println!("\nInterrupted; everything was torn down.");
