@@ -16,5 +16,5 @@ GRANT EXECUTE ON FUNCTION
 GRANT USAGE ON SCHEMA pgvpn TO pgvpn_auditor;
 GRANT SELECT ON ALL TABLES IN SCHEMA pgvpn TO pgvpn_auditor;
 GRANT EXECUTE ON FUNCTION decode(bytea), _ts(bigint), _live_counters(), _live_rejects(),
-    log_generation(), log_wait(bigint, int)
+    log_generation(), log_wait(bigint, int), metrics()
     TO pgvpn_auditor;

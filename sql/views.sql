@@ -73,3 +73,50 @@ SELECT p.name AS peer, x.reason, x.packets, x.last_at
   FROM reject_totals_by_id x
   JOIN peers p ON p.id = x.peer;
 COMMENT ON VIEW reject_totals IS 'pgvpn: rejected packets per peer and reason';
+
+-- For Prometheus exporters (sql_exporter, postgres_exporter): one row per metric, peer
+-- and reason. Cheap on purpose, it runs on every scrape: counters come from the tables
+-- and shared memory, the backlog is the shared estimate (packets routed to the peer
+-- beyond what was waiting at its last ack), its age one index probe per peer, and the
+-- log's size comes from the catalog. No count over the log.
+CREATE FUNCTION metrics() RETURNS TABLE (metric text, peer text, reason text, value double precision)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pgvpn, pg_temp AS $$
+    WITH l AS (SELECT * FROM _live_counters()),
+    p AS (
+        SELECT p.id, p.name,
+               t.packets + coalesce(l.tx_packets, 0) AS tx_packets,
+               t.bytes + coalesce(l.tx_bytes, 0) AS tx_bytes,
+               r.packets + coalesce(l.rx_packets, 0) AS rx_packets,
+               r.bytes + coalesce(l.rx_bytes, 0) AS rx_bytes,
+               coalesce(l.backlog, 0) AS backlog,
+               c.acked_id
+          FROM peers p
+          JOIN traffic t ON t.peer = p.id AND t.direction = 't'
+          JOIN traffic r ON r.peer = p.id AND r.direction = 'r'
+          JOIN cursors c ON c.peer = p.id
+          LEFT JOIN l ON l.peer = p.id
+         WHERE p.removed_at IS NULL)
+    SELECT 'pgvpn_sent_packets_total', name, NULL, tx_packets::float8 FROM p
+    UNION ALL SELECT 'pgvpn_sent_bytes_total', name, NULL, tx_bytes::float8 FROM p
+    UNION ALL SELECT 'pgvpn_received_packets_total', name, NULL, rx_packets::float8 FROM p
+    UNION ALL SELECT 'pgvpn_received_bytes_total', name, NULL, rx_bytes::float8 FROM p
+    UNION ALL SELECT 'pgvpn_backlog_packets', name, NULL, backlog::float8 FROM p
+    UNION ALL SELECT 'pgvpn_cursor', name, NULL, acked_id::float8 FROM p
+    UNION ALL
+    SELECT 'pgvpn_backlog_oldest_seconds', p.name, NULL,
+           coalesce(extract(epoch FROM clock_timestamp() - o.sent_at), 0)::float8
+      FROM p LEFT JOIN LATERAL (
+           SELECT k.sent_at FROM packets k WHERE k.dst_peer = p.id AND k.id > p.acked_id
+            ORDER BY k.id LIMIT 1) o ON true
+    UNION ALL
+    SELECT 'pgvpn_rejected_packets_total', pe.name, x.reason, x.packets::float8
+      FROM reject_totals_by_id x JOIN peers pe ON pe.id = x.peer
+    UNION ALL
+    SELECT 'pgvpn_log_bytes', NULL, NULL,
+           coalesce(sum(pg_total_relation_size(c.relid)), 0)::float8 FROM chunks c
+    UNION ALL SELECT 'pgvpn_log_chunks', NULL, NULL, count(*)::float8 FROM chunks
+    UNION ALL
+    SELECT 'pgvpn_log_oldest_chunk_seconds', NULL, NULL,
+           coalesce(extract(epoch FROM clock_timestamp() - min(opened_at)), 0)::float8 FROM chunks
+$$;
+COMMENT ON FUNCTION metrics() IS 'pgvpn: metrics for Prometheus exporters, one row per metric, peer and reason';
