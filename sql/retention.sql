@@ -34,22 +34,37 @@ CREATE FUNCTION _open_chunk(k int) RETURNS regclass
 LANGUAGE plpgsql SET search_path = pg_catalog, pgvpn, pg_temp AS $$
 DECLARE
     rel text := pgvpn._chunk_name(k);
+    frel text := replace(pgvpn._chunk_name(k), 'packets_', 'flows_');
     lo bigint := k::bigint << 40;
 BEGIN
     -- toast_tuple_target = max: a packet up to ~8 KB stays inline (no TOAST side table),
     -- and payload's EXTERNAL storage (copied by LIKE) means no compression attempt.
     EXECUTE format('CREATE TABLE pgvpn.%I (LIKE pgvpn.packets INCLUDING DEFAULTS INCLUDING STORAGE)'
                    ' WITH (toast_tuple_target = 8160)', rel);
-    -- Delivery: recv() walks (dst_peer, id). Audits by time: BRIN is nearly free on an
-    -- append-only log. The host-pair btree comes later, once the chunk is closed.
+    -- Delivery: recv() walks (dst_peer, id). Audits: id (the latest packets, and the id
+    -- ranges the flow index points to; appended at the right edge, so cheap), and time
+    -- (BRIN is nearly free on an append-only log). The host-pair btree comes later,
+    -- once the chunk is closed.
     EXECUTE format('CREATE INDEX %I ON pgvpn.%I (dst_peer, id)', rel || '_delivery', rel);
+    EXECUTE format('CREATE INDEX %I ON pgvpn.%I (id)', rel || '_id', rel);
     EXECUTE format('CREATE INDEX %I ON pgvpn.%I USING brin (sent_at, id)', rel || '_time', rel);
+    -- The flow index's own indexes: by host either way, by destination port (each newest
+    -- first), and by time.
+    EXECUTE format('CREATE TABLE pgvpn.%I (LIKE pgvpn.flow_log INCLUDING DEFAULTS)', frel);
+    EXECUTE format('CREATE INDEX %I ON pgvpn.%I (src_addr, last_id)', frel || '_src', frel);
+    EXECUTE format('CREATE INDEX %I ON pgvpn.%I (dst_addr, last_id)', frel || '_dst', frel);
+    EXECUTE format('CREATE INDEX %I ON pgvpn.%I (dst_port, last_id)', frel || '_port', frel);
+    EXECUTE format('CREATE INDEX %I ON pgvpn.%I USING brin (at, first_id)', frel || '_time', frel);
+    EXECUTE format('GRANT SELECT ON pgvpn.%I TO pgvpn_auditor', frel);
+    EXECUTE format('ALTER TABLE pgvpn.flow_log ATTACH PARTITION pgvpn.%I FOR VALUES FROM (%s) TO (%s)',
+                   frel, lo, lo + (1::bigint << 40));
     -- Auditors read everything, also a chunk directly (through pgvpn.packets the
     -- parent's grant suffices).
     EXECUTE format('GRANT SELECT ON pgvpn.%I TO pgvpn_auditor', rel);
     EXECUTE format('ALTER TABLE pgvpn.packets ATTACH PARTITION pgvpn.%I FOR VALUES FROM (%s) TO (%s)',
                    rel, lo, lo + (1::bigint << 40));
-    INSERT INTO pgvpn.chunks (chunk, relid) VALUES (k, format('pgvpn.%I', rel)::regclass);
+    INSERT INTO pgvpn.chunks (chunk, relid, flow_relid)
+    VALUES (k, format('pgvpn.%I', rel)::regclass, format('pgvpn.%I', frel)::regclass);
     RETURN format('pgvpn.%I', rel)::regclass;
 END
 $$;
@@ -112,12 +127,16 @@ BEGIN
     FOR old IN SELECT * FROM chunks
                 WHERE closed_at < clock_timestamp() - retention ORDER BY chunk LOOP
         BEGIN
-            -- 0.1.0 created its first chunks inside CREATE EXTENSION; those are members.
-            IF EXISTS (SELECT FROM pg_depend WHERE classid = 'pg_class'::regclass
-                          AND objid = old.relid AND deptype = 'e') THEN
-                EXECUTE format('ALTER EXTENSION pgvpn DROP TABLE %s', old.relid);
-            END IF;
-            EXECUTE format('DROP TABLE %s', old.relid);
+            -- What goes unread: packets beyond their receiver's cursor (recv() and
+            -- peer_stats report it).
+            EXECUTE format(
+                'UPDATE pgvpn.cursors c SET expired_packets = c.expired_packets + x.n,'
+                '       expired_upto = greatest(c.expired_upto, x.upto)'
+                '  FROM (SELECT k.dst_peer, count(*) AS n, max(k.id) AS upto'
+                '          FROM %s k JOIN pgvpn.cursors c2 ON c2.peer = k.dst_peer AND k.id > c2.acked_id'
+                '         GROUP BY k.dst_peer) x'
+                ' WHERE c.peer = x.dst_peer', old.relid);
+            EXECUTE format('DROP TABLE %s, %s', old.relid, old.flow_relid);
             DELETE FROM chunks WHERE chunk = old.chunk;
             dropped := dropped + 1;
         EXCEPTION WHEN lock_not_available THEN

@@ -30,10 +30,15 @@ CREATE UNIQUE INDEX peers_live_role ON peers (role) WHERE removed_at IS NULL;
 COMMENT ON TABLE peers IS 'pgvpn: hosts on the VPN; each logs in as its own role';
 
 -- Delivery state lives here, one row per peer, never in the packet rows.
+-- expired_*: packets addressed to the peer that retention dropped before the peer
+-- acknowledged them (counted by prune(); recv() tells a receiver that asks from below
+-- expired_upto).
 CREATE TABLE cursors (
-    peer     int PRIMARY KEY REFERENCES peers (id),
-    acked_id bigint NOT NULL DEFAULT 0,
-    acked_at timestamptz
+    peer            int PRIMARY KEY REFERENCES peers (id),
+    acked_id        bigint NOT NULL DEFAULT 0,
+    acked_at        timestamptz,
+    expired_packets bigint NOT NULL DEFAULT 0,
+    expired_upto    bigint NOT NULL DEFAULT 0
 );
 
 -- Traffic counters, one row per peer and direction ('t' sent, 'r' received). Sends
@@ -86,14 +91,41 @@ COMMENT ON TABLE packets IS 'pgvpn: every packet that crossed the VPN, one row e
 -- the parent has no partitioned indexes either (a restore would meet indexes created
 -- twice); each chunk carries its own.
 
+-- The flow index: what audits search first. send() already decodes every packet; at
+-- commit it writes one row per distinct flow (5-tuple and peers) of each transaction:
+-- packets, bytes, the OR of the TCP flags, the SYNs, the first and last packet id and
+-- the time. An audit finds flows here (a few rows per TCP stream and second, not one
+-- per packet) and fetches their packets from pgvpn.packets by id range. Insert-only on
+-- purpose: an upsert per flow and minute would be a hot row that every open snapshot
+-- slows down. Chunked with the log by first_id, and dropped with it.
+CREATE TABLE flow_log (
+    first_id   bigint NOT NULL,
+    last_id    bigint NOT NULL,
+    at         timestamptz NOT NULL,
+    src_peer   int NOT NULL,
+    dst_peer   int NOT NULL,
+    ip_version smallint NOT NULL,
+    protocol   smallint NOT NULL,
+    src_addr   inet NOT NULL,
+    dst_addr   inet NOT NULL,
+    src_port   int,
+    dst_port   int,
+    packets    int NOT NULL,
+    bytes      bigint NOT NULL,
+    tcp_flags  smallint,              -- OR of the packets' flags (TCP only)
+    syns       int NOT NULL           -- packets with SYN and not ACK
+) PARTITION BY RANGE (first_id);
+COMMENT ON TABLE flow_log IS 'pgvpn: per transaction and flow: packets, bytes, flags, id range (the audit index)';
+
 CREATE TABLE chunks (
     chunk      int PRIMARY KEY,
-    relid      regclass NOT NULL,
+    relid      regclass NOT NULL,     -- its part of pgvpn.packets
+    flow_relid regclass NOT NULL,     -- its part of pgvpn.flow_log
     opened_at  timestamptz,           -- when ids started going here; NULL for the spare
     closed_at  timestamptz,           -- set when the next chunk takes over
     indexed_at timestamptz            -- when prune() built its host-pair index
 );
-COMMENT ON TABLE chunks IS 'pgvpn: the partitions of pgvpn.packets, for pgvpn.prune()';
+COMMENT ON TABLE chunks IS 'pgvpn: the partitions of pgvpn.packets and pgvpn.flow_log, for pgvpn.prune()';
 
 -- Rejected packets: counted per peer and reason, and a capped sample kept for auditors.
 CREATE TABLE reject_counts (

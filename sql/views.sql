@@ -18,19 +18,100 @@ SELECT p.id, p.sent_at, s.name AS src_peer, d.name AS dst_peer,
   JOIN peers d ON d.id = p.dst_peer;
 COMMENT ON VIEW packet_log IS 'pgvpn: every logged packet, decoded, without payload';
 
--- One row per 5-tuple and direction (ports are NULL for ICMP and fragments).
+-- One row per 5-tuple and direction (ports are NULL for ICMP and fragments), from the
+-- flow index: it reads the flow rows, never the packets.
 CREATE VIEW flows AS
 SELECT s.name AS src_peer, d.name AS dst_peer, f.ip_version, f.protocol,
        f.src_addr, f.src_port, f.dst_addr, f.dst_port,
-       f.packets, f.bytes, f.first_seen, f.last_seen
+       f.packets, f.bytes, f.first_seen, f.last_seen, f.tcp_flags, f.syns, f.first_id, f.last_id
   FROM (SELECT src_peer, dst_peer, ip_version, protocol, src_addr, src_port, dst_addr, dst_port,
-               count(*) AS packets, sum(length) AS bytes,
-               min(sent_at) AS first_seen, max(sent_at) AS last_seen
-          FROM packets
+               sum(packets)::bigint AS packets, sum(bytes)::numeric AS bytes,
+               min(at) AS first_seen, max(at) AS last_seen,
+               bit_or(tcp_flags) AS tcp_flags, sum(syns)::bigint AS syns,
+               min(first_id) AS first_id, max(last_id) AS last_id
+          FROM flow_log
          GROUP BY src_peer, dst_peer, ip_version, protocol, src_addr, src_port, dst_addr, dst_port) f
   JOIN peers s ON s.id = f.src_peer
   JOIN peers d ON d.id = f.dst_peer;
-COMMENT ON VIEW flows IS 'pgvpn: packets and bytes per 5-tuple, first and last seen';
+COMMENT ON VIEW flows IS 'pgvpn: packets and bytes per 5-tuple, first and last seen (from the flow index)';
+
+-- Audits that find packets through the flow index: the matching flow rows first (a few
+-- per stream and second, by host, port or 5-tuple, newest first), then their packets by
+-- id range. The newest n packets lie within the newest n matching flow rows, each of
+-- which holds at least one of them.
+
+-- Every packet between two hosts, both directions, in a time range.
+CREATE FUNCTION packets_between(a inet, b inet, since timestamptz DEFAULT now() - interval '1 hour',
+                                until timestamptz DEFAULT 'infinity')
+RETURNS SETOF packet_log
+LANGUAGE sql STABLE SET search_path = pg_catalog, pgvpn, pg_temp AS $$
+    SELECT l.* FROM (
+        SELECT f.first_id, f.last_id, f.src_addr, f.dst_addr, f.protocol, f.src_port, f.dst_port FROM flow_log f
+         WHERE f.src_addr = a AND f.dst_addr = b AND f.at >= since AND f.at < until
+        UNION ALL
+        SELECT f.first_id, f.last_id, f.src_addr, f.dst_addr, f.protocol, f.src_port, f.dst_port FROM flow_log f
+         WHERE f.src_addr = b AND f.dst_addr = a AND f.at >= since AND f.at < until) f
+    CROSS JOIN LATERAL (
+        SELECT * FROM packet_log k
+         WHERE k.id BETWEEN f.first_id AND f.last_id
+           AND k.src_addr = f.src_addr AND k.dst_addr = f.dst_addr AND k.protocol = f.protocol
+           AND k.src_port IS NOT DISTINCT FROM f.src_port
+           AND k.dst_port IS NOT DISTINCT FROM f.dst_port) l
+    ORDER BY l.id
+$$;
+
+-- The newest n packets from or to a host.
+CREATE FUNCTION host_packets(host inet, n int DEFAULT 100)
+RETURNS SETOF packet_log
+LANGUAGE sql STABLE SET search_path = pg_catalog, pgvpn, pg_temp AS $$
+    SELECT l.* FROM (
+        (SELECT f.first_id, f.last_id, f.src_addr, f.dst_addr, f.protocol, f.src_port, f.dst_port FROM flow_log f
+          WHERE f.src_addr = host ORDER BY f.last_id DESC LIMIT n)
+        UNION
+        (SELECT f.first_id, f.last_id, f.src_addr, f.dst_addr, f.protocol, f.src_port, f.dst_port FROM flow_log f
+          WHERE f.dst_addr = host ORDER BY f.last_id DESC LIMIT n)) f
+    CROSS JOIN LATERAL (
+        SELECT * FROM packet_log k
+         WHERE k.id BETWEEN f.first_id AND f.last_id
+           AND k.src_addr = f.src_addr AND k.dst_addr = f.dst_addr AND k.protocol = f.protocol
+           AND k.src_port IS NOT DISTINCT FROM f.src_port
+           AND k.dst_port IS NOT DISTINCT FROM f.dst_port) l
+    ORDER BY l.id DESC LIMIT n
+$$;
+
+-- The newest n packets to a destination port (TCP or UDP).
+CREATE FUNCTION port_packets(port int, n int DEFAULT 100)
+RETURNS SETOF packet_log
+LANGUAGE sql STABLE SET search_path = pg_catalog, pgvpn, pg_temp AS $$
+    SELECT l.* FROM (
+        SELECT f.first_id, f.last_id, f.src_addr, f.dst_addr, f.protocol, f.src_port FROM flow_log f
+         WHERE f.dst_port = port ORDER BY f.last_id DESC LIMIT n) f
+    CROSS JOIN LATERAL (
+        SELECT * FROM packet_log k
+         WHERE k.id BETWEEN f.first_id AND f.last_id
+           AND k.src_addr = f.src_addr AND k.dst_addr = f.dst_addr
+           AND k.dst_port = port AND k.protocol = f.protocol
+           AND k.src_port IS NOT DISTINCT FROM f.src_port) l
+    ORDER BY l.id DESC LIMIT n
+$$;
+
+-- The newest n packets of one flow (5-tuple, that direction).
+CREATE FUNCTION flow_packets(src inet, src_port int, dst inet, dst_port int, protocol int,
+                             n int DEFAULT 10)
+RETURNS SETOF packet_log
+LANGUAGE sql STABLE SET search_path = pg_catalog, pgvpn, pg_temp AS $$
+    SELECT l.* FROM (
+        SELECT f.first_id, f.last_id FROM flow_log f
+         WHERE f.src_addr = src AND f.dst_addr = dst AND f.src_port = flow_packets.src_port
+           AND f.dst_port = flow_packets.dst_port AND f.protocol = flow_packets.protocol
+         ORDER BY f.last_id DESC LIMIT n) f
+    CROSS JOIN LATERAL (
+        SELECT * FROM packet_log k
+         WHERE k.id BETWEEN f.first_id AND f.last_id
+           AND k.src_addr = src AND k.dst_addr = dst AND k.src_port = flow_packets.src_port
+           AND k.dst_port = flow_packets.dst_port AND k.protocol = flow_packets.protocol) l
+    ORDER BY l.id DESC LIMIT n
+$$;
 
 -- The routing table changes when a transaction that changed peers commits: every
 -- backend's cached copy is reloaded (pgvpn_ext/src/peers.rs).
@@ -50,6 +131,7 @@ SELECT p.name AS peer, p.role, p.allowed_ips,
            AS rejected,
        c.acked_id AS cursor,
        (SELECT count(*) FROM packets k WHERE k.dst_peer = p.id AND k.id > c.acked_id) AS backlog,
+       c.expired_packets AS expired_unread,
        greatest(t.last_at, _ts(l.tx_at)) AS last_sent_at,
        greatest(r.last_at, _ts(l.rx_at)) AS last_received_at,
        c.acked_at AS last_ack_at,

@@ -133,6 +133,7 @@ fn open_page(after_id: i64, max_packets: i32, wait_ms: i32, max_bytes: i32) -> R
     }
     let peers = peers::current_now()?;
     let me = peers.caller()?;
+    report_expired(&me, after_id)?;
     let slot = shmem::slot(peers.rel, me.id);
     let deadline = Instant::now() + Duration::from_millis(wait_ms as u64);
     loop {
@@ -155,6 +156,62 @@ fn open_page(after_id: i64, max_packets: i32, wait_ms: i32, max_bytes: i32) -> R
         }
         slot.wait_change(gen, left.as_millis() as i64);
     }
+}
+
+thread_local! {
+    /// (peer, expired_upto, when read): how far retention dropped this peer's unread
+    /// packets, re-read every few seconds (it changes only when prune() drops a chunk);
+    /// and the expired_upto we last told the caller about.
+    static EXPIRED: Cell<Option<(i32, i64, Instant)>> = const { Cell::new(None) };
+    static TOLD: Cell<Option<(i32, i64)>> = const { Cell::new(None) };
+}
+
+plan_slot!(EXPIRED_SQL_PLAN);
+const EXPIRED_SQL: &str = "SELECT expired_upto, expired_packets FROM pgvpn.cursors WHERE peer = $1";
+
+/// A receiver that asks from below what retention dropped unread is told so, once, with
+/// a NOTICE (the shim logs it and counts the packets): delivery goes on from what is left,
+/// but nobody should think the gap was delivered.
+fn report_expired(me: &Caller, after_id: i64) -> Result<()> {
+    let cached = EXPIRED
+        .with(Cell::get)
+        .filter(|&(peer, _, at)| peer == me.id && at.elapsed() < Duration::from_secs(5));
+    let upto = match cached {
+        Some((_, upto, _)) => upto,
+        None => {
+            let upto = Spi::connect(|c| -> Result<i64> {
+                let plan =
+                    plans::get(&EXPIRED_SQL_PLAN, c, EXPIRED_SQL, &[pg_sys::INT4OID], false)?;
+                Ok(c.select(plan, Some(1), &[me.id.into()])?
+                    .first()
+                    .get::<i64>(1)?
+                    .unwrap_or(0))
+            })?;
+            EXPIRED.with(|e| e.set(Some((me.id, upto, Instant::now()))));
+            upto
+        }
+    };
+    if after_id < upto && TOLD.with(Cell::get) != Some((me.id, upto)) {
+        let lost = Spi::connect(|c| -> Result<i64> {
+            let plan = plans::get(&EXPIRED_SQL_PLAN, c, EXPIRED_SQL, &[pg_sys::INT4OID], false)?;
+            Ok(c.select(plan, Some(1), &[me.id.into()])?
+                .first()
+                .get::<i64>(2)?
+                .unwrap_or(0))
+        })?;
+        TOLD.with(|t| t.set(Some((me.id, upto))));
+        ereport!(
+            PgLogLevel::NOTICE,
+            PgSqlErrorCode::ERRCODE_WARNING,
+            format!(
+                "pgvpn: packets for peer \"{}\" expired unread: retention dropped {lost} of them, ids up to {upto}",
+                me.name
+            ),
+            // For programs (the shim counts them): key=value, always this shape.
+            format!("expired_packets={lost} expired_upto={upto}")
+        );
+    }
+    Ok(())
 }
 
 /// Opens the page's cursor and reads its first rows; None if there are none.

@@ -18,7 +18,7 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgvpn_core::Reject;
 use std::cell::Cell;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
 
 /// The routing table's lock object; receivers use their peer id (ids start at 1).
@@ -181,7 +181,95 @@ fn insert(sender: i32, packets: &[Packet], at: i64) -> Result<()> {
             ((id >> 40) as i32, heap::Row { values, nulls })
         })
         .collect();
-    heap::insert(parent, "packets", "relid", rows)
+    heap::insert(parent, "packets", "relid", rows)?;
+    insert_flows(sender, packets, &ids, at)
+}
+
+/// One flow of a transaction: the packets' shared header fields (and their chunk, so a
+/// flow row never spans two chunks).
+#[derive(PartialEq, Eq, Hash)]
+struct FlowKey {
+    chunk: i32,
+    dst: i32,
+    ip_version: u8,
+    protocol: u8,
+    src_addr: std::net::IpAddr,
+    dst_addr: std::net::IpAddr,
+    src_port: Option<u16>,
+    dst_port: Option<u16>,
+}
+
+#[derive(Default)]
+struct FlowSum {
+    first_id: i64,
+    last_id: i64,
+    packets: i32,
+    bytes: i64,
+    tcp_flags: Option<u16>,
+    syns: i32,
+}
+
+/// TCP SYN without ACK: a connection attempt.
+const SYN: u16 = 0x02;
+const ACK: u16 = 0x10;
+
+/// The flow index (see sql/schema.sql, `flow_log`): one row per flow of the transaction.
+fn insert_flows(sender: i32, packets: &[Packet], ids: &[i64], at: i64) -> Result<()> {
+    let mut flows: HashMap<FlowKey, FlowSum> = HashMap::new();
+    for (p, &id) in packets.iter().zip(ids) {
+        let h = &p.header;
+        let key = FlowKey {
+            chunk: (id >> 40) as i32,
+            dst: p.dst,
+            ip_version: h.ip_version,
+            protocol: h.protocol,
+            src_addr: h.src_addr,
+            dst_addr: h.dst_addr,
+            src_port: h.src_port,
+            dst_port: h.dst_port,
+        };
+        let f = flows.entry(key).or_insert_with(|| FlowSum {
+            first_id: id,
+            ..FlowSum::default()
+        });
+        f.last_id = id;
+        f.packets += 1;
+        f.bytes += p.bytes.len() as i64;
+        if let Some(fl) = h.tcp_flags {
+            f.tcp_flags = Some(f.tcp_flags.unwrap_or(0) | fl);
+            if fl & (SYN | ACK) == SYN {
+                f.syns += 1;
+            }
+        }
+    }
+    let opt = |v: Option<pg_sys::Datum>| (v.unwrap_or(pg_sys::Datum::from(0)), v.is_none());
+    let mut rows: Vec<(i32, heap::Row)> = flows
+        .into_iter()
+        .map(|(k, f)| {
+            let cols = [
+                (pg_sys::Datum::from(f.first_id), false),
+                (pg_sys::Datum::from(f.last_id), false),
+                (pg_sys::Datum::from(at), false),
+                (pg_sys::Datum::from(sender), false),
+                (pg_sys::Datum::from(k.dst), false),
+                (pg_sys::Datum::from(i16::from(k.ip_version)), false),
+                (pg_sys::Datum::from(i16::from(k.protocol)), false),
+                (inet_datum(k.src_addr), false),
+                (inet_datum(k.dst_addr), false),
+                opt(k.src_port.map(|v| pg_sys::Datum::from(i32::from(v)))),
+                opt(k.dst_port.map(|v| pg_sys::Datum::from(i32::from(v)))),
+                (pg_sys::Datum::from(f.packets), false),
+                (pg_sys::Datum::from(f.bytes), false),
+                opt(f.tcp_flags.map(|v| pg_sys::Datum::from(v as i16))),
+                (pg_sys::Datum::from(f.syns), false),
+            ];
+            let (values, nulls) = cols.into_iter().unzip();
+            (k.chunk, heap::Row { values, nulls })
+        })
+        .collect();
+    // By chunk, then first id: `heap::insert` takes each chunk's rows in one go.
+    rows.sort_by_key(|(chunk, r)| (*chunk, r.values[0].value()));
+    heap::insert(heap::relid(c"flow_log"), "flow_log", "flow_relid", rows)
 }
 
 // ---------------------------------------------------------------------------------
