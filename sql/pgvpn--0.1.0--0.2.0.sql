@@ -1,0 +1,687 @@
+-- pgvpn 0.1.0 -> 0.2.0, run by `ALTER EXTENSION pgvpn UPDATE` once the 0.2.0 library is
+-- installed and the server restarted with shared_preload_libraries = 'pgvpn'.
+-- tests/tests/upgrade.rs builds 0.1.0, fills it, runs this and compares the result with
+-- a fresh 0.2.0 install. What changes, and why: docs/backup.md ("Upgrades").
+--
+-- Cost: every existing chunk gets its 0.2.0 indexes built and its flow index computed
+-- from its packets, in this one transaction; a large log takes a while.
+\echo Use "ALTER EXTENSION pgvpn UPDATE" to load this file. \quit
+
+-- 1. Objects 0.2.0 replaces or no longer has. (channel(): receivers are now woken
+-- without LISTEN/NOTIFY, see pgvpn_ext/src/shmem.rs.)
+DROP VIEW peer_stats, reject_totals, flows, rejects;
+DROP FUNCTION channel();
+DROP FUNCTION recv(bigint, int, int);
+DROP FUNCTION add_peer(text, regrole, cidr[]);
+DROP FUNCTION _prune(interval, interval);
+
+-- 2. Tables.
+ALTER TABLE cursors
+    ADD COLUMN expired_packets bigint NOT NULL DEFAULT 0,
+    ADD COLUMN expired_upto bigint NOT NULL DEFAULT 0;
+ALTER TABLE reject_samples DROP CONSTRAINT reject_samples_reason_check;
+ALTER TABLE reject_samples ADD CONSTRAINT reject_samples_reason_check
+    CHECK (reason IN ('malformed', 'no_route', 'spoofed', 'loop', 'backlog'));
+COMMENT ON TABLE reject_samples IS 'pgvpn: a sample of rejected packets (a few per send), pruned with the log';
+CREATE FUNCTION _ts(us bigint) RETURNS timestamptz
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS
+$$ SELECT CASE WHEN us > 0 THEN '2000-01-01 00:00:00+00'::timestamptz + make_interval(secs => us / 1e6) END $$;
+
+CREATE TABLE flow_log (
+    first_id   bigint NOT NULL,
+    last_id    bigint NOT NULL,
+    at         timestamptz NOT NULL,
+    src_peer   int NOT NULL,
+    dst_peer   int NOT NULL,
+    ip_version smallint NOT NULL,
+    protocol   smallint NOT NULL,
+    src_addr   inet NOT NULL,
+    dst_addr   inet NOT NULL,
+    src_port   int,
+    dst_port   int,
+    packets    int NOT NULL,
+    bytes      bigint NOT NULL,
+    tcp_flags  smallint,              -- OR of the packets' flags (TCP only)
+    syns       int NOT NULL           -- packets with SYN and not ACK
+) PARTITION BY RANGE (first_id);
+COMMENT ON TABLE flow_log IS 'pgvpn: per transaction and flow: packets, bytes, flags, id range (the audit index)';
+
+ALTER TABLE chunks ADD COLUMN flow_relid regclass;  -- filled in step 4, then NOT NULL
+COMMENT ON TABLE chunks IS 'pgvpn: the partitions of pgvpn.packets and pgvpn.flow_log, for pgvpn.prune()';
+SELECT pg_catalog.pg_extension_config_dump('chunks', '');
+SELECT pg_catalog.pg_extension_config_dump('reject_counts', '');
+SELECT pg_catalog.pg_extension_config_dump('reject_samples', '');
+SELECT pg_catalog.pg_extension_config_dump('packet_id', '');
+
+-- 3. Functions: the SQL ones as in 0.2.0 (sql/peers.sql, sql/retention.sql).
+CREATE OR REPLACE FUNCTION _check_allowed_ips(peer_name text, allowed_ips cidr[]) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pgvpn, pg_temp AS $$
+DECLARE
+    clash record;
+BEGIN
+    IF allowed_ips IS NULL OR array_position(allowed_ips, NULL) IS NOT NULL THEN
+        RAISE EXCEPTION 'allowed_ips must not be or contain NULL'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- Overlapping prefixes are fine (longest prefix wins, as in WireGuard); the very same
+    -- prefix on two peers would make routing ambiguous.
+    SELECT p.name, ip INTO clash
+      FROM peers p, unnest(p.allowed_ips) ip
+     WHERE p.removed_at IS NULL AND p.name <> peer_name AND ip = ANY (_check_allowed_ips.allowed_ips)
+     LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'prefix % is already routed to peer "%"', clash.ip, clash.name
+            USING ERRCODE = 'unique_violation';
+    END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION add_peer(name text, role regrole, allowed_ips cidr[], connection_limit int DEFAULT 8)
+RETURNS int
+LANGUAGE plpgsql SET search_path = pg_catalog, pgvpn, pg_temp AS $$
+DECLARE
+    new_id int;
+BEGIN
+    IF connection_limit IS NULL OR connection_limit < 1 THEN
+        RAISE EXCEPTION 'connection_limit must be at least 1, got %', coalesce(connection_limit::text, 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF name IS NULL OR name !~ '^[a-z][a-z0-9_]{0,39}$' THEN
+        RAISE EXCEPTION 'invalid peer name %', coalesce(quote_literal(name), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Use 1 to 40 characters: a-z first, then a-z, 0-9 or _.';
+    END IF;
+    IF role IS NULL THEN
+        RAISE EXCEPTION 'role must not be NULL' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF EXISTS (SELECT FROM peers p WHERE p.removed_at IS NULL AND p.name = add_peer.name) THEN
+        RAISE EXCEPTION 'peer "%" already exists', name USING ERRCODE = 'duplicate_object';
+    END IF;
+    IF EXISTS (SELECT FROM peers p WHERE p.removed_at IS NULL AND p.role = add_peer.role) THEN
+        RAISE EXCEPTION 'role % is already the peer "%"', role,
+            (SELECT p.name FROM peers p WHERE p.removed_at IS NULL AND p.role = add_peer.role)
+            USING ERRCODE = 'duplicate_object';
+    END IF;
+    PERFORM _check_allowed_ips(name, allowed_ips);
+
+    INSERT INTO peers (name, role, allowed_ips) VALUES (name, role, allowed_ips)
+    RETURNING id INTO new_id;
+    INSERT INTO cursors (peer) VALUES (new_id);
+    INSERT INTO traffic (peer, direction) VALUES (new_id, 't'), (new_id, 'r');
+    EXECUTE format('GRANT pgvpn_peer TO %s', role);
+    EXECUTE format('ALTER ROLE %s CONNECTION LIMIT %s', role, connection_limit);
+    RETURN new_id;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION set_allowed_ips(name text, allowed_ips cidr[]) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pgvpn, pg_temp AS $$
+BEGIN
+    PERFORM _check_allowed_ips(name, allowed_ips);
+    UPDATE peers p SET allowed_ips = set_allowed_ips.allowed_ips
+     WHERE p.removed_at IS NULL AND p.name = set_allowed_ips.name;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no peer "%"', name USING ERRCODE = 'undefined_object';
+    END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION remove_peer(name text) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pgvpn, pg_temp AS $$
+DECLARE
+    old_role regrole;
+BEGIN
+    UPDATE peers p SET removed_at = now(), role = NULL, allowed_ips = '{}'
+      FROM peers old
+     WHERE old.id = p.id AND p.removed_at IS NULL AND p.name = remove_peer.name
+    RETURNING old.role INTO old_role;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no peer "%"', name USING ERRCODE = 'undefined_object';
+    END IF;
+    EXECUTE format('REVOKE pgvpn_peer FROM %s', old_role);
+    PERFORM pg_terminate_backend(a.pid)
+       FROM pg_stat_activity a
+      WHERE a.usesysid = old_role::oid AND a.pid <> pg_backend_pid();
+END
+$$;
+
+CREATE OR REPLACE FUNCTION _chunk_name(k int) RETURNS text
+LANGUAGE sql IMMUTABLE AS $$ SELECT format('packets_%s', lpad(k::text, 6, '0')) $$;
+
+CREATE OR REPLACE FUNCTION _open_chunk(k int) RETURNS regclass
+LANGUAGE plpgsql SET search_path = pg_catalog, pgvpn, pg_temp AS $$
+DECLARE
+    rel text := pgvpn._chunk_name(k);
+    frel text := replace(pgvpn._chunk_name(k), 'packets_', 'flows_');
+    lo bigint := k::bigint << 40;
+BEGIN
+    -- toast_tuple_target = max: a packet up to ~8 KB stays inline (no TOAST side table),
+    -- and payload's EXTERNAL storage (copied by LIKE) means no compression attempt.
+    EXECUTE format('CREATE TABLE pgvpn.%I (LIKE pgvpn.packets INCLUDING DEFAULTS INCLUDING STORAGE)'
+                   ' WITH (toast_tuple_target = 8160)', rel);
+    -- Delivery: recv() walks (dst_peer, id). Audits: id (the latest packets, and the id
+    -- ranges the flow index points to; appended at the right edge, so cheap), and time
+    -- (BRIN is nearly free on an append-only log). The host-pair btree comes later,
+    -- once the chunk is closed.
+    EXECUTE format('CREATE INDEX %I ON pgvpn.%I (dst_peer, id)', rel || '_delivery', rel);
+    EXECUTE format('CREATE INDEX %I ON pgvpn.%I (id)', rel || '_id', rel);
+    EXECUTE format('CREATE INDEX %I ON pgvpn.%I USING brin (sent_at, id)', rel || '_time', rel);
+    -- The flow index's own indexes: by host either way, by destination port (each newest
+    -- first), and by time.
+    EXECUTE format('CREATE TABLE pgvpn.%I (LIKE pgvpn.flow_log INCLUDING DEFAULTS)', frel);
+    EXECUTE format('CREATE INDEX %I ON pgvpn.%I (src_addr, last_id)', frel || '_src', frel);
+    EXECUTE format('CREATE INDEX %I ON pgvpn.%I (dst_addr, last_id)', frel || '_dst', frel);
+    EXECUTE format('CREATE INDEX %I ON pgvpn.%I (dst_port, last_id)', frel || '_port', frel);
+    EXECUTE format('CREATE INDEX %I ON pgvpn.%I USING brin (at, first_id)', frel || '_time', frel);
+    EXECUTE format('GRANT SELECT ON pgvpn.%I TO pgvpn_auditor', frel);
+    EXECUTE format('ALTER TABLE pgvpn.flow_log ATTACH PARTITION pgvpn.%I FOR VALUES FROM (%s) TO (%s)',
+                   frel, lo, lo + (1::bigint << 40));
+    -- Auditors read everything, also a chunk directly (through pgvpn.packets the
+    -- parent's grant suffices).
+    EXECUTE format('GRANT SELECT ON pgvpn.%I TO pgvpn_auditor', rel);
+    EXECUTE format('ALTER TABLE pgvpn.packets ATTACH PARTITION pgvpn.%I FOR VALUES FROM (%s) TO (%s)',
+                   rel, lo, lo + (1::bigint << 40));
+    INSERT INTO pgvpn.chunks (chunk, relid, flow_relid)
+    VALUES (k, format('pgvpn.%I', rel)::regclass, format('pgvpn.%I', frel)::regclass);
+    RETURN format('pgvpn.%I', rel)::regclass;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION _ensure_chunks() RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pgvpn, pg_temp AS $$
+DECLARE
+    last bigint;
+    highest bigint;
+    cur int;
+BEGIN
+    LOCK TABLE pgvpn.chunks IN SHARE ROW EXCLUSIVE MODE;  -- one at a time, with prune()
+    SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END INTO last FROM pgvpn.packet_id;
+    SELECT greatest(max(acked_id), 0) INTO highest FROM pgvpn.cursors;
+    IF highest > last THEN
+        RAISE WARNING 'pgvpn: the packet id sequence (%) was behind a stored cursor (%); moved it past every cursor',
+            last, highest;
+        PERFORM setval('pgvpn.packet_id', highest);
+        last := highest;
+    END IF;
+    cur := pgvpn._chunk_of(greatest(last, 1));
+    IF NOT EXISTS (SELECT FROM pgvpn.chunks WHERE chunk = cur) THEN
+        PERFORM pgvpn._open_chunk(cur);
+        UPDATE pgvpn.chunks SET opened_at = clock_timestamp() WHERE chunk = cur;
+    END IF;
+    IF NOT EXISTS (SELECT FROM pgvpn.chunks WHERE chunk = cur + 1) THEN
+        PERFORM pgvpn._open_chunk(cur + 1);
+    END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION _prune(retention interval, chunk_interval interval, lock_wait_ms int) RETURNS int
+LANGUAGE plpgsql SET search_path = pg_catalog, pgvpn, pg_temp AS $$
+DECLARE
+    cur int;
+    spare_ready boolean;
+    is_empty boolean;
+    old chunks;
+    opened timestamptz;
+    dropped int := 0;
+    saved_timeout text := current_setting('lock_timeout');
+BEGIN
+    PERFORM _ensure_chunks();   -- also takes the chunks lock: one prune at a time
+    PERFORM set_config('lock_timeout', lock_wait_ms || 'ms', true);
+    cur := _chunk_of((SELECT last_value FROM packet_id));
+    -- Ready means committed: created by an earlier transaction, not by this one.
+    spare_ready := EXISTS (SELECT FROM chunks c WHERE c.chunk = cur + 1
+                              AND c.xmin IS DISTINCT FROM xid(pg_current_xact_id_if_assigned()));
+
+    -- Chunks behind the sequence are closed (closed_at may be late if an earlier prune
+    -- rolled back: that only keeps packets longer).
+    UPDATE chunks SET closed_at = clock_timestamp() WHERE chunk < cur AND closed_at IS NULL;
+    UPDATE chunks SET opened_at = clock_timestamp() WHERE chunk = cur AND opened_at IS NULL;
+
+    FOR old IN SELECT * FROM chunks
+                WHERE closed_at < clock_timestamp() - retention ORDER BY chunk LOOP
+        BEGIN
+            -- What goes unread: packets beyond their receiver's cursor (recv() and
+            -- peer_stats report it).
+            EXECUTE format(
+                'UPDATE pgvpn.cursors c SET expired_packets = c.expired_packets + x.n,'
+                '       expired_upto = greatest(c.expired_upto, x.upto)'
+                '  FROM (SELECT k.dst_peer, count(*) AS n, max(k.id) AS upto'
+                '          FROM %s k JOIN pgvpn.cursors c2 ON c2.peer = k.dst_peer AND k.id > c2.acked_id'
+                '         GROUP BY k.dst_peer) x'
+                ' WHERE c.peer = x.dst_peer', old.relid);
+            EXECUTE format('DROP TABLE %s, %s', old.relid, old.flow_relid);
+            DELETE FROM chunks WHERE chunk = old.chunk;
+            dropped := dropped + 1;
+        EXCEPTION WHEN lock_not_available THEN
+            RAISE LOG 'pgvpn.prune: chunk % is in use (a reader holds the log longer than %ms); it will be dropped on a later run',
+                old.chunk, lock_wait_ms;
+            EXIT;
+        END;
+    END LOOP;
+    DELETE FROM reject_samples WHERE at < clock_timestamp() - retention;
+
+    -- Closed chunks get their host-pair index once, in bulk (a sort, instead of a
+    -- btree insert per packet while the chunk was hot). Only chunks closed by an
+    -- earlier prune: no send can still be writing to them.
+    FOR old IN SELECT * FROM chunks
+                WHERE closed_at IS NOT NULL AND indexed_at IS NULL
+                  AND xmin IS DISTINCT FROM xid(pg_current_xact_id_if_assigned())
+                ORDER BY chunk LOOP
+        BEGIN
+            EXECUTE format('CREATE INDEX IF NOT EXISTS %I ON %s (src_addr, dst_addr)',
+                           (SELECT relname FROM pg_class WHERE oid = old.relid) || '_hosts',
+                           old.relid);
+            UPDATE chunks SET indexed_at = clock_timestamp() WHERE chunk = old.chunk;
+        EXCEPTION WHEN lock_not_available THEN
+            RAISE LOG 'pgvpn.prune: chunk % is busy; its host-pair index waits for a later run', old.chunk;
+        END;
+    END LOOP;
+
+    SELECT opened_at INTO opened FROM chunks WHERE chunk = cur;
+    IF opened < clock_timestamp() - chunk_interval THEN
+        EXECUTE format('SELECT NOT EXISTS (SELECT FROM %s)', (SELECT relid FROM chunks WHERE chunk = cur))
+           INTO is_empty;
+        IF is_empty THEN
+            -- An idle VPN keeps its one empty chunk instead of piling up new ones.
+            UPDATE chunks SET opened_at = clock_timestamp() WHERE chunk = cur;
+        ELSIF spare_ready THEN
+            UPDATE chunks SET closed_at = clock_timestamp() WHERE chunk = cur;
+            UPDATE chunks SET opened_at = clock_timestamp() WHERE chunk = cur + 1;
+            -- Sequences only move forward, so per-receiver id order (send.rs) holds.
+            PERFORM setval('packet_id', (cur + 1)::bigint << 40);
+            cur := cur + 1;
+        END IF;
+    END IF;
+    -- Keep two spares ahead: the next rotation never waits for a chunk to be created.
+    IF NOT EXISTS (SELECT FROM chunks WHERE chunk = cur + 1) THEN
+        PERFORM _open_chunk(cur + 1);
+    END IF;
+    IF NOT EXISTS (SELECT FROM chunks WHERE chunk = cur + 2) THEN
+        PERFORM _open_chunk(cur + 2);
+    END IF;
+    PERFORM set_config('lock_timeout', saved_timeout, true);
+    RETURN dropped;
+END
+$$;
+
+-- The library's functions (as pgrx generates them for 0.2.0).
+CREATE OR REPLACE FUNCTION "_live_counters"() RETURNS TABLE (
+	"peer" INT,  /* i32 */
+	"tx_packets" bigint,  /* i64 */
+	"tx_bytes" bigint,  /* i64 */
+	"rx_packets" bigint,  /* i64 */
+	"rx_bytes" bigint,  /* i64 */
+	"tx_at" bigint,  /* i64 */
+	"rx_at" bigint,  /* i64 */
+	"backlog" bigint  /* i64 */
+)
+STRICT VOLATILE PARALLEL RESTRICTED
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_live_counters_wrapper';
+
+CREATE OR REPLACE FUNCTION "_live_rejects"() RETURNS TABLE (
+	"peer" INT,  /* i32 */
+	"reason" TEXT,  /* String */
+	"packets" bigint,  /* i64 */
+	"at" bigint  /* i64 */
+)
+STRICT VOLATILE PARALLEL RESTRICTED
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_live_rejects_wrapper';
+
+CREATE OR REPLACE FUNCTION "ack"(
+	"upto_id" bigint /* i64 */
+) RETURNS bigint /* i64 */
+STRICT VOLATILE SECURITY DEFINER PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'ack_wrapper';
+
+CREATE OR REPLACE FUNCTION "cursor"() RETURNS bigint /* i64 */
+STRICT VOLATILE SECURITY DEFINER PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'cursor_wrapper';
+
+CREATE OR REPLACE FUNCTION "decode"(
+	"packet" bytea /* & [u8] */
+) RETURNS jsonb /* JsonB */
+IMMUTABLE STRICT PARALLEL SAFE 
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'decode_packet_wrapper';
+
+CREATE OR REPLACE FUNCTION "flush_counters"() RETURNS INT /* i32 */
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'flush_counters_wrapper';
+
+CREATE OR REPLACE FUNCTION "log_generation"() RETURNS bigint /* i64 */
+STRICT VOLATILE PARALLEL RESTRICTED
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'log_generation_wrapper';
+
+CREATE OR REPLACE FUNCTION "log_wait"(
+	"since" bigint, /* i64 */
+	"wait_ms" INT /* i32 */
+) RETURNS bigint /* i64 */
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'log_wait_wrapper';
+
+CREATE OR REPLACE FUNCTION "prune"() RETURNS INT /* i32 */
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'prune_wrapper';
+
+CREATE OR REPLACE FUNCTION "recv"(
+	"after_id" bigint, /* i64 */
+	"max_packets" INT DEFAULT 1024, /* i32 */
+	"wait_ms" INT DEFAULT 0, /* i32 */
+	"max_bytes" INT DEFAULT 4194304 /* i32 */
+) RETURNS TABLE (
+	"id" bigint,  /* i64 */
+	"payload" bytea  /* Vec < u8 > */
+)
+STRICT VOLATILE SECURITY DEFINER PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'recv_wrapper';
+
+CREATE OR REPLACE FUNCTION "send"(
+	"packets" bytea[] /* Array < & [u8] > */
+) RETURNS bigint /* i64 */
+STRICT VOLATILE SECURITY DEFINER PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'send_wrapper';
+
+CREATE OR REPLACE FUNCTION "send"(
+	"packet" bytea /* & [u8] */
+) RETURNS bigint /* i64 */
+STRICT VOLATILE SECURITY DEFINER PARALLEL UNSAFE 
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'send_one_wrapper';
+
+CREATE OR REPLACE FUNCTION "peers_changed"()
+	RETURNS TRIGGER
+	LANGUAGE c
+	AS 'MODULE_PATHNAME', 'peers_changed_wrapper';
+
+
+-- 4. Chunks in the 0.2.0 form: each with its own indexes (no partitioned index on the
+-- parent, so a dump restores them once), its part of the flow index (computed from its
+-- packets: 0.1.0 stamped every packet of one send with one sent_at, so a flow and a
+-- sent_at are a send's flow), readable by auditors, and not an extension member (0.1.0
+-- made its first chunks inside CREATE EXTENSION; members are not dumped).
+DO $$
+DECLARE
+    c record;
+    rel text;
+    frel text;
+    lo bigint;
+BEGIN
+    FOR c IN SELECT chunk, relid FROM pgvpn.chunks ORDER BY chunk LOOP
+        rel := (SELECT relname FROM pg_class WHERE oid = c.relid);
+        frel := replace(rel, 'packets_', 'flows_');
+        lo := c.chunk::bigint << 40;
+        EXECUTE format('CREATE INDEX %I ON pgvpn.%I (dst_peer, id)', rel || '_delivery', rel);
+        EXECUTE format('CREATE INDEX %I ON pgvpn.%I (id)', rel || '_id', rel);
+        EXECUTE format('CREATE INDEX %I ON pgvpn.%I USING brin (sent_at, id)', rel || '_time', rel);
+        EXECUTE format('GRANT SELECT ON pgvpn.%I TO pgvpn_auditor', rel);
+        EXECUTE format('CREATE TABLE pgvpn.%I (LIKE pgvpn.flow_log INCLUDING DEFAULTS)', frel);
+        EXECUTE format(
+            'INSERT INTO pgvpn.%I (first_id, last_id, at, src_peer, dst_peer, ip_version, protocol,'
+            '  src_addr, dst_addr, src_port, dst_port, packets, bytes, tcp_flags, syns)'
+            ' SELECT min(id), max(id), sent_at, src_peer, dst_peer, ip_version, protocol,'
+            '  src_addr, dst_addr, src_port, dst_port, count(*), sum(length), bit_or(tcp_flags),'
+            '  count(*) FILTER (WHERE protocol = 6 AND tcp_flags & 18 = 2)'
+            ' FROM pgvpn.%I GROUP BY sent_at, src_peer, dst_peer, ip_version, protocol,'
+            '  src_addr, dst_addr, src_port, dst_port', frel, rel);
+        EXECUTE format('CREATE INDEX %I ON pgvpn.%I (src_addr, last_id)', frel || '_src', frel);
+        EXECUTE format('CREATE INDEX %I ON pgvpn.%I (dst_addr, last_id)', frel || '_dst', frel);
+        EXECUTE format('CREATE INDEX %I ON pgvpn.%I (dst_port, last_id)', frel || '_port', frel);
+        EXECUTE format('CREATE INDEX %I ON pgvpn.%I USING brin (at, first_id)', frel || '_time', frel);
+        EXECUTE format('GRANT SELECT ON pgvpn.%I TO pgvpn_auditor', frel);
+        EXECUTE format('ALTER TABLE pgvpn.flow_log ATTACH PARTITION pgvpn.%I FOR VALUES FROM (%s) TO (%s)',
+                       frel, lo, lo + (1::bigint << 40));
+        -- Made inside this script, so a member: no, it is data.
+        EXECUTE format('ALTER EXTENSION pgvpn DROP TABLE pgvpn.%I', frel);
+        UPDATE pgvpn.chunks SET flow_relid = format('pgvpn.%I', frel)::regclass WHERE chunk = c.chunk;
+        IF EXISTS (SELECT FROM pg_depend WHERE classid = 'pg_class'::regclass
+                      AND objid = c.relid AND deptype = 'e') THEN
+            EXECUTE format('ALTER EXTENSION pgvpn DROP TABLE pgvpn.%I', rel);
+        END IF;
+    END LOOP;
+END
+$$;
+ALTER TABLE chunks ALTER COLUMN flow_relid SET NOT NULL;
+-- The partitioned indexes and the child indexes 0.1.0 attached to them.
+DROP INDEX packets_delivery, packets_time;
+-- One spare was enough in 0.1.0; 0.2.0 keeps two (prune() adds the second).
+
+-- 5. Roles: a peer's sessions are limited (add_peer's default; ALTER ROLE to change).
+DO $$
+DECLARE
+    r regrole;
+BEGIN
+    FOR r IN SELECT p.role FROM pgvpn.peers p JOIN pg_roles a ON a.oid = p.role
+              WHERE p.removed_at IS NULL AND a.rolconnlimit = -1 LOOP
+        EXECUTE format('ALTER ROLE %s CONNECTION LIMIT 8', r);
+    END LOOP;
+END
+$$;
+
+-- 6. Views and helpers as in 0.2.0 (sql/views.sql).
+-- Rejects per peer id and reason: the table's totals plus what shared memory counted
+-- since the last flush.
+CREATE VIEW reject_totals_by_id AS
+SELECT coalesce(c.peer, l.peer) AS peer, coalesce(c.reason, l.reason) AS reason,
+       coalesce(c.packets, 0) + coalesce(l.packets, 0) AS packets,
+       greatest(c.last_at, _ts(l.at)) AS last_at
+  FROM reject_counts c
+  FULL JOIN _live_rejects() l ON l.peer = c.peer AND l.reason = c.reason;
+
+-- One row per 5-tuple and direction (ports are NULL for ICMP and fragments), from the
+-- flow index: it reads the flow rows, never the packets.
+CREATE VIEW flows AS
+SELECT s.name AS src_peer, d.name AS dst_peer, f.ip_version, f.protocol,
+       f.src_addr, f.src_port, f.dst_addr, f.dst_port,
+       f.packets, f.bytes, f.first_seen, f.last_seen, f.tcp_flags, f.syns, f.first_id, f.last_id
+  FROM (SELECT src_peer, dst_peer, ip_version, protocol, src_addr, src_port, dst_addr, dst_port,
+               sum(packets)::bigint AS packets, sum(bytes)::numeric AS bytes,
+               min(at) AS first_seen, max(at) AS last_seen,
+               bit_or(tcp_flags) AS tcp_flags, sum(syns)::bigint AS syns,
+               min(first_id) AS first_id, max(last_id) AS last_id
+          FROM flow_log
+         GROUP BY src_peer, dst_peer, ip_version, protocol, src_addr, src_port, dst_addr, dst_port) f
+  JOIN peers s ON s.id = f.src_peer
+  JOIN peers d ON d.id = f.dst_peer;
+COMMENT ON VIEW flows IS 'pgvpn: packets and bytes per 5-tuple, first and last seen (from the flow index)';
+
+-- Audits that find packets through the flow index: the matching flow rows first (a few
+-- per stream and second, by host, port or 5-tuple, newest first), then their packets by
+-- id range. The newest n packets lie within the newest n matching flow rows, each of
+-- which holds at least one of them.
+
+-- Every packet between two hosts, both directions, in a time range.
+CREATE FUNCTION packets_between(a inet, b inet, since timestamptz DEFAULT now() - interval '1 hour',
+                                until timestamptz DEFAULT 'infinity')
+RETURNS SETOF packet_log
+LANGUAGE sql STABLE SET search_path = pg_catalog, pgvpn, pg_temp AS $$
+    SELECT l.* FROM (
+        SELECT f.first_id, f.last_id, f.src_addr, f.dst_addr, f.protocol, f.src_port, f.dst_port FROM flow_log f
+         WHERE f.src_addr = a AND f.dst_addr = b AND f.at >= since AND f.at < until
+        UNION ALL
+        SELECT f.first_id, f.last_id, f.src_addr, f.dst_addr, f.protocol, f.src_port, f.dst_port FROM flow_log f
+         WHERE f.src_addr = b AND f.dst_addr = a AND f.at >= since AND f.at < until) f
+    CROSS JOIN LATERAL (
+        SELECT * FROM packet_log k
+         WHERE k.id BETWEEN f.first_id AND f.last_id
+           AND k.src_addr = f.src_addr AND k.dst_addr = f.dst_addr AND k.protocol = f.protocol
+           AND k.src_port IS NOT DISTINCT FROM f.src_port
+           AND k.dst_port IS NOT DISTINCT FROM f.dst_port) l
+    ORDER BY l.id
+$$;
+
+-- The newest n packets from or to a host.
+CREATE FUNCTION host_packets(host inet, n int DEFAULT 100)
+RETURNS SETOF packet_log
+LANGUAGE sql STABLE SET search_path = pg_catalog, pgvpn, pg_temp AS $$
+    SELECT l.* FROM (
+        (SELECT f.first_id, f.last_id, f.src_addr, f.dst_addr, f.protocol, f.src_port, f.dst_port FROM flow_log f
+          WHERE f.src_addr = host ORDER BY f.last_id DESC LIMIT n)
+        UNION
+        (SELECT f.first_id, f.last_id, f.src_addr, f.dst_addr, f.protocol, f.src_port, f.dst_port FROM flow_log f
+          WHERE f.dst_addr = host ORDER BY f.last_id DESC LIMIT n)) f
+    CROSS JOIN LATERAL (
+        SELECT * FROM packet_log k
+         WHERE k.id BETWEEN f.first_id AND f.last_id
+           AND k.src_addr = f.src_addr AND k.dst_addr = f.dst_addr AND k.protocol = f.protocol
+           AND k.src_port IS NOT DISTINCT FROM f.src_port
+           AND k.dst_port IS NOT DISTINCT FROM f.dst_port) l
+    ORDER BY l.id DESC LIMIT n
+$$;
+
+-- The newest n packets to a destination port (TCP or UDP).
+CREATE FUNCTION port_packets(port int, n int DEFAULT 100)
+RETURNS SETOF packet_log
+LANGUAGE sql STABLE SET search_path = pg_catalog, pgvpn, pg_temp AS $$
+    SELECT l.* FROM (
+        SELECT f.first_id, f.last_id, f.src_addr, f.dst_addr, f.protocol, f.src_port FROM flow_log f
+         WHERE f.dst_port = port ORDER BY f.last_id DESC LIMIT n) f
+    CROSS JOIN LATERAL (
+        SELECT * FROM packet_log k
+         WHERE k.id BETWEEN f.first_id AND f.last_id
+           AND k.src_addr = f.src_addr AND k.dst_addr = f.dst_addr
+           AND k.dst_port = port AND k.protocol = f.protocol
+           AND k.src_port IS NOT DISTINCT FROM f.src_port) l
+    ORDER BY l.id DESC LIMIT n
+$$;
+
+-- The newest n packets of one flow (5-tuple, that direction).
+CREATE FUNCTION flow_packets(src inet, src_port int, dst inet, dst_port int, protocol int,
+                             n int DEFAULT 10)
+RETURNS SETOF packet_log
+LANGUAGE sql STABLE SET search_path = pg_catalog, pgvpn, pg_temp AS $$
+    SELECT l.* FROM (
+        SELECT f.first_id, f.last_id FROM flow_log f
+         WHERE f.src_addr = src AND f.dst_addr = dst AND f.src_port = flow_packets.src_port
+           AND f.dst_port = flow_packets.dst_port AND f.protocol = flow_packets.protocol
+         ORDER BY f.last_id DESC LIMIT n) f
+    CROSS JOIN LATERAL (
+        SELECT * FROM packet_log k
+         WHERE k.id BETWEEN f.first_id AND f.last_id
+           AND k.src_addr = src AND k.dst_addr = dst AND k.src_port = flow_packets.src_port
+           AND k.dst_port = flow_packets.dst_port AND k.protocol = flow_packets.protocol) l
+    ORDER BY l.id DESC LIMIT n
+$$;
+
+-- The routing table changes when a transaction that changed peers commits: every
+-- backend's cached copy is reloaded (pgvpn_ext/src/peers.rs).
+CREATE TRIGGER peers_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON peers
+    FOR EACH STATEMENT EXECUTE FUNCTION peers_changed();
+
+-- What `wg show` tells a WireGuard user, per peer. Counters: the tables' totals (they
+-- survive pruning and restarts) plus what shared memory counted since the last flush.
+-- The backlog is what was routed to the peer beyond its cursor.
+CREATE VIEW peer_stats AS
+SELECT p.name AS peer, p.role, p.allowed_ips,
+       t.packets + coalesce(l.tx_packets, 0) AS sent_packets,
+       t.bytes + coalesce(l.tx_bytes, 0) AS sent_bytes,
+       r.packets + coalesce(l.rx_packets, 0) AS received_packets,
+       r.bytes + coalesce(l.rx_bytes, 0) AS received_bytes,
+       (SELECT coalesce(sum(x.packets), 0)::bigint FROM reject_totals_by_id x WHERE x.peer = p.id)
+           AS rejected,
+       c.acked_id AS cursor,
+       (SELECT count(*) FROM packets k WHERE k.dst_peer = p.id AND k.id > c.acked_id) AS backlog,
+       c.expired_packets AS expired_unread,
+       greatest(t.last_at, _ts(l.tx_at)) AS last_sent_at,
+       greatest(r.last_at, _ts(l.rx_at)) AS last_received_at,
+       c.acked_at AS last_ack_at,
+       greatest(t.last_at, _ts(l.tx_at), r.last_at, _ts(l.rx_at), c.acked_at) AS last_activity,
+       p.removed_at
+  FROM peers p
+  JOIN traffic t ON t.peer = p.id AND t.direction = 't'
+  JOIN traffic r ON r.peer = p.id AND r.direction = 'r'
+  JOIN cursors c ON c.peer = p.id
+  LEFT JOIN _live_counters() l ON l.peer = p.id;
+COMMENT ON VIEW peer_stats IS 'pgvpn: per peer traffic, rejects, cursor and backlog';
+
+CREATE VIEW rejects AS
+SELECT r.at, p.name AS peer, r.reason, r.detail, r.length, r.head
+  FROM reject_samples r
+  JOIN peers p ON p.id = r.peer;
+COMMENT ON VIEW rejects IS 'pgvpn: a sample of rejected packets (pgvpn.reject_totals counts them all)';
+
+CREATE VIEW reject_totals AS
+SELECT p.name AS peer, x.reason, x.packets, x.last_at
+  FROM reject_totals_by_id x
+  JOIN peers p ON p.id = x.peer;
+COMMENT ON VIEW reject_totals IS 'pgvpn: rejected packets per peer and reason';
+
+-- For Prometheus exporters (sql_exporter, postgres_exporter): one row per metric, peer
+-- and reason. Cheap on purpose, it runs on every scrape: counters come from the tables
+-- and shared memory, the backlog is the shared estimate (packets routed to the peer
+-- beyond what was waiting at its last ack), its age one index probe per peer, and the
+-- log's size comes from the catalog. No count over the log.
+CREATE FUNCTION metrics() RETURNS TABLE (metric text, peer text, reason text, value double precision)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pgvpn, pg_temp AS $$
+    WITH l AS (SELECT * FROM _live_counters()),
+    p AS (
+        SELECT p.id, p.name,
+               t.packets + coalesce(l.tx_packets, 0) AS tx_packets,
+               t.bytes + coalesce(l.tx_bytes, 0) AS tx_bytes,
+               r.packets + coalesce(l.rx_packets, 0) AS rx_packets,
+               r.bytes + coalesce(l.rx_bytes, 0) AS rx_bytes,
+               coalesce(l.backlog, 0) AS backlog,
+               c.acked_id
+          FROM peers p
+          JOIN traffic t ON t.peer = p.id AND t.direction = 't'
+          JOIN traffic r ON r.peer = p.id AND r.direction = 'r'
+          JOIN cursors c ON c.peer = p.id
+          LEFT JOIN l ON l.peer = p.id
+         WHERE p.removed_at IS NULL)
+    SELECT 'pgvpn_sent_packets_total', name, NULL, tx_packets::float8 FROM p
+    UNION ALL SELECT 'pgvpn_sent_bytes_total', name, NULL, tx_bytes::float8 FROM p
+    UNION ALL SELECT 'pgvpn_received_packets_total', name, NULL, rx_packets::float8 FROM p
+    UNION ALL SELECT 'pgvpn_received_bytes_total', name, NULL, rx_bytes::float8 FROM p
+    UNION ALL SELECT 'pgvpn_backlog_packets', name, NULL, backlog::float8 FROM p
+    UNION ALL SELECT 'pgvpn_cursor', name, NULL, acked_id::float8 FROM p
+    UNION ALL
+    SELECT 'pgvpn_backlog_oldest_seconds', p.name, NULL,
+           coalesce(extract(epoch FROM clock_timestamp() - o.sent_at), 0)::float8
+      FROM p LEFT JOIN LATERAL (
+           SELECT k.sent_at FROM packets k WHERE k.dst_peer = p.id AND k.id > p.acked_id
+            ORDER BY k.id LIMIT 1) o ON true
+    UNION ALL
+    SELECT 'pgvpn_rejected_packets_total', pe.name, x.reason, x.packets::float8
+      FROM reject_totals_by_id x JOIN peers pe ON pe.id = x.peer
+    UNION ALL
+    SELECT 'pgvpn_log_bytes', NULL, NULL,
+           coalesce(sum(pg_total_relation_size(c.relid)), 0)::float8 FROM chunks c
+    UNION ALL SELECT 'pgvpn_log_chunks', NULL, NULL, count(*)::float8 FROM chunks
+    UNION ALL
+    SELECT 'pgvpn_log_oldest_chunk_seconds', NULL, NULL,
+           coalesce(extract(epoch FROM clock_timestamp() - min(opened_at)), 0)::float8 FROM chunks
+$$;
+COMMENT ON FUNCTION metrics() IS 'pgvpn: metrics for Prometheus exporters, one row per metric, peer and reason';
+
+-- 7. Privileges as in 0.2.0 (sql/grants.sql).
+-- Privileges, applied last. Functions are executable by PUBLIC by default in Postgres;
+-- in pgvpn nothing is, except what is granted below.
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA pgvpn FROM PUBLIC;
+REVOKE ALL ON ALL TABLES IN SCHEMA pgvpn FROM PUBLIC;
+REVOKE ALL ON SCHEMA pgvpn FROM PUBLIC;
+
+-- Peers: the data path only. These are SECURITY DEFINER and find the peer from the
+-- session role, so a peer reaches its own packets and nothing else.
+GRANT USAGE ON SCHEMA pgvpn TO pgvpn_peer;
+GRANT EXECUTE ON FUNCTION
+    send(bytea[]), send(bytea), recv(bigint, int, int, int), ack(bigint), cursor(), decode(bytea)
+    TO pgvpn_peer;
+
+-- Auditors: read everything, change nothing. (Partitions created later by prune()
+-- need no grant: privileges are checked on pgvpn.packets.)
+GRANT USAGE ON SCHEMA pgvpn TO pgvpn_auditor;
+GRANT SELECT ON ALL TABLES IN SCHEMA pgvpn TO pgvpn_auditor;
+GRANT EXECUTE ON FUNCTION decode(bytea), _ts(bigint), _live_counters(), _live_rejects(),
+    log_generation(), log_wait(bigint, int), metrics(),
+    packets_between(inet, inet, timestamptz, timestamptz), host_packets(inet, int),
+    port_packets(int, int), flow_packets(inet, int, inet, int, int, int)
+    TO pgvpn_auditor;
