@@ -679,3 +679,49 @@ fn one_peer_cannot_take_every_connection_slot() {
     assert_eq!(send(&mut alice, &[udp_tagged(A4, B4, "in")]), 1);
     drop(held);
 }
+
+/// A peer that turns the planner against index scans before its first call: the API's
+/// statements are planned with their settings pinned, so recv still walks the index.
+#[test]
+fn planner_settings_cannot_turn_recv_into_a_scan() {
+    let cluster = vpn();
+    let mut alice = cluster.connect("alice", DB);
+    let batch: Vec<Vec<u8>> = (0..200).map(|i| udp_tagged(A4, B4, &format!("p{i}"))).collect();
+    send(&mut alice, &batch);
+    let mut su = cluster.superuser(DB);
+    let stats = |su: &mut Client| {
+        thread::sleep(Duration::from_millis(700)); // statistics reach the views at transaction end
+        (
+            scalar_i64(su, "SELECT coalesce(sum(seq_scan), 0)::bigint FROM pg_stat_all_tables WHERE schemaname = 'pgvpn' AND relname LIKE 'packets_%'"),
+            scalar_i64(su, "SELECT coalesce(sum(idx_scan), 0)::bigint FROM pg_stat_all_indexes WHERE schemaname = 'pgvpn' AND indexrelname LIKE '%_delivery'"),
+        )
+    };
+    let (seq0, idx0) = stats(&mut su);
+    let mut bob = cluster.connect("bob", DB);
+    bob.batch_execute(
+        "SET enable_indexscan = off; SET enable_bitmapscan = off; SET enable_indexonlyscan = off; \
+         SET random_page_cost = 1e9; SET cpu_index_tuple_cost = 1e9; SET plan_cache_mode = force_custom_plan",
+    )
+    .unwrap();
+    assert_eq!(recv(&mut bob, 0, 1000).len(), 200);
+    drop(bob);
+    let (seq1, idx1) = stats(&mut su);
+    assert_eq!(seq1, seq0, "recv scanned a chunk of the log");
+    assert!(idx1 > idx0, "recv used the delivery index");
+    // The control: recv's own query under those settings, unpinned, does scan.
+    let mut c = cluster.superuser(DB);
+    c.batch_execute(
+        "SET enable_indexscan = off; SET enable_bitmapscan = off; SET enable_indexonlyscan = off; \
+         SET random_page_cost = 1e9; SET cpu_index_tuple_cost = 1e9",
+    )
+    .unwrap();
+    c.query(
+        "SELECT id, payload FROM pgvpn.packets WHERE dst_peer = (SELECT id FROM pgvpn.peers WHERE name = 'bob') \
+         AND id > 0 ORDER BY id LIMIT 1000",
+        &[],
+    )
+    .unwrap();
+    drop(c);
+    let (seq2, _) = stats(&mut su);
+    assert!(seq2 > seq1, "the control should have scanned");
+}
