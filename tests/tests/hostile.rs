@@ -686,7 +686,9 @@ fn one_peer_cannot_take_every_connection_slot() {
 fn planner_settings_cannot_turn_recv_into_a_scan() {
     let cluster = vpn();
     let mut alice = cluster.connect("alice", DB);
-    let batch: Vec<Vec<u8>> = (0..200).map(|i| udp_tagged(A4, B4, &format!("p{i}"))).collect();
+    let batch: Vec<Vec<u8>> = (0..200)
+        .map(|i| udp_tagged(A4, B4, &format!("p{i}")))
+        .collect();
     send(&mut alice, &batch);
     let mut su = cluster.superuser(DB);
     let stats = |su: &mut Client| {
