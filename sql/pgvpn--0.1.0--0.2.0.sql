@@ -52,6 +52,8 @@ SELECT pg_catalog.pg_extension_config_dump('chunks', '');
 SELECT pg_catalog.pg_extension_config_dump('reject_counts', '');
 SELECT pg_catalog.pg_extension_config_dump('reject_samples', '');
 SELECT pg_catalog.pg_extension_config_dump('packet_id', '');
+-- The identity behind peers.id: a restore must not hand a new peer the id of an old one.
+SELECT pg_catalog.pg_extension_config_dump('peers_id_seq', '');
 
 -- 3. Functions: the SQL ones as in 0.2.0 (sql/peers.sql, sql/retention.sql).
 CREATE OR REPLACE FUNCTION _check_allowed_ips(peer_name text, allowed_ips cidr[]) RETURNS void
@@ -196,9 +198,12 @@ DECLARE
 BEGIN
     LOCK TABLE pgvpn.chunks IN SHARE ROW EXCLUSIVE MODE;  -- one at a time, with prune()
     SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END INTO last FROM pgvpn.packet_id;
+    -- Past every cursor and every logged packet (a restore brings both back; one index
+    -- probe per chunk).
     SELECT greatest(max(acked_id), 0) INTO highest FROM pgvpn.cursors;
+    highest := greatest(highest, (SELECT max(id) FROM pgvpn.packets));
     IF highest > last THEN
-        RAISE WARNING 'pgvpn: the packet id sequence (%) was behind a stored cursor (%); moved it past every cursor',
+        RAISE WARNING 'pgvpn: the packet id sequence (%) was behind the log (a stored cursor or packet at %); moved it past both',
             last, highest;
         PERFORM setval('pgvpn.packet_id', highest);
         last := highest;

@@ -71,9 +71,10 @@ $$;
 
 -- The chunk the sequence points at, and one spare after it. Called by the first send of
 -- each backend (a fresh install has no chunk yet) and by prune(). Also repairs a
--- sequence that is behind a stored cursor (a restore from a dump made without it, or
--- a failover to a server that had not seen the newest ids): new ids must be above every
--- cursor, or recv(cursor()) would return nothing, forever.
+-- sequence that is behind a stored cursor or a logged packet (a restore from a dump
+-- made without it, or a failover to a server that had not seen the newest ids): new
+-- ids must be above every cursor, or recv(cursor()) would return nothing, forever, and
+-- above every packet, or new packets would be delivered before older ones.
 CREATE FUNCTION _ensure_chunks() RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pgvpn, pg_temp AS $$
 DECLARE
@@ -83,9 +84,12 @@ DECLARE
 BEGIN
     LOCK TABLE pgvpn.chunks IN SHARE ROW EXCLUSIVE MODE;  -- one at a time, with prune()
     SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END INTO last FROM pgvpn.packet_id;
+    -- Past every cursor and every logged packet (a restore brings both back; one index
+    -- probe per chunk).
     SELECT greatest(max(acked_id), 0) INTO highest FROM pgvpn.cursors;
+    highest := greatest(highest, (SELECT max(id) FROM pgvpn.packets));
     IF highest > last THEN
-        RAISE WARNING 'pgvpn: the packet id sequence (%) was behind a stored cursor (%); moved it past every cursor',
+        RAISE WARNING 'pgvpn: the packet id sequence (%) was behind the log (a stored cursor or packet at %); moved it past both',
             last, highest;
         PERFORM setval('pgvpn.packet_id', highest);
         last := highest;

@@ -157,3 +157,5 @@ SELECT pg_catalog.pg_extension_config_dump('chunks', '');
 SELECT pg_catalog.pg_extension_config_dump('reject_counts', '');
 SELECT pg_catalog.pg_extension_config_dump('reject_samples', '');
 SELECT pg_catalog.pg_extension_config_dump('packet_id', '');
+-- The identity behind peers.id: a restore must not hand a new peer the id of an old one.
+SELECT pg_catalog.pg_extension_config_dump('peers_id_seq', '');
