@@ -23,6 +23,7 @@ pub mod downlink;
 pub mod error;
 #[cfg(test)]
 mod fakes;
+pub mod fq;
 pub mod io;
 pub mod pgpass;
 pub mod runtime;

@@ -1,21 +1,22 @@
 //! tun → `pgvpn.send()`.
 //!
-//! A reader thread drains the tun device into a bounded queue as fast as the kernel hands
-//! packets over (a full tun queue drops packets); a sender thread takes everything queued
-//! so far as one batch and sends it.
+//! A reader thread drains the tun device into the queue as fast as the kernel hands
+//! packets over (a full tun queue drops packets); a sender thread takes a batch from it
+//! and sends it. The queue is flow-fair and bounded by bytes and by time (fq.rs), so a
+//! ping or an ACK is not stuck behind a bulk transfer; batches are sized to take about
+//! [`fq::BATCH_TARGET`], since a packet that arrives during a send waits for it.
 
-use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::backoff::{retry_open, GaveUp};
 use crate::error::ErrorClass;
+use crate::fq::{self, BatchSizer, Drops, FlowQueue};
 use crate::io::{Database, Tun, UplinkSession};
 use crate::runtime::{Shared, EXIT_FATAL};
 use crate::stats::Stats;
-use pgvpn_core::limits::{MAX_PACKET, MAX_TXN_BYTES};
-
-/// Slots in the queue between the reader and the sender (about 6 MB of 1500-byte packets).
-pub const QUEUE_SLOTS: usize = 4096;
+use pgvpn_core::limits::MAX_TXN_BYTES;
 
 /// How long the reader waits for a packet before looking at the stop flag again.
 const POLL_TIMEOUT: Duration = Duration::from_millis(100);
@@ -29,34 +30,97 @@ const READ_BUF: usize = 65536;
 /// Say at most this often that the database refused a batch.
 const WARN_EVERY: Duration = Duration::from_secs(10);
 
-/// The queue between the reader and the sender: a bounded FIFO today. Everything that
-/// touches it is in this module ([`queue`], the reader's `try_send`, [`next_batch`],
-/// [`drain_for`]), so another discipline can replace it here.
-pub type QueueTx = SyncSender<Vec<u8>>;
-pub type QueueRx = Receiver<Vec<u8>>;
+/// Smallest batch budget ([`fq::cost`] units): a few full-size packets.
+const MIN_BUDGET: usize = 32 << 10;
 
-pub fn queue() -> (QueueTx, QueueRx) {
-    sync_channel(QUEUE_SLOTS)
+/// The queue between the reader and the sender. Everything that touches it is in this
+/// module ([`queue`], the reader's push, [`next_batch`], [`drain_for`]).
+struct Chan {
+    q: FlowQueue,
+    /// The sender is gone: the reader stops.
+    rx_gone: AtomicBool,
 }
 
-/// Blocks for the first packet, then takes whatever else is already queued, up to `max`
-/// packets. A lone packet goes out at once. `None` once the queue is closed and empty.
-pub fn next_batch(rx: &QueueRx, max: usize) -> Option<Vec<Vec<u8>>> {
-    let first = rx.recv().ok()?;
-    let mut bytes = first.len();
-    let mut batch = Vec::with_capacity(max.min(64));
-    batch.push(first);
-    // A transaction may send at most MAX_TXN_BYTES: stop while any packet still fits.
-    while batch.len() < max && bytes + MAX_PACKET <= MAX_TXN_BYTES {
-        match rx.try_recv() {
-            Ok(p) => {
-                bytes += p.len();
-                batch.push(p);
+/// The reader's end; dropping it closes the queue (the sender flushes what is left).
+pub struct QueueTx(Arc<Chan>);
+/// The sender's end.
+pub struct QueueRx(Arc<Chan>);
+
+/// The receiving end is gone.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Closed;
+
+impl QueueTx {
+    /// Queues a packet; what had to be dropped to make room is counted by the caller.
+    pub fn send(&self, pkt: Vec<u8>) -> Result<Drops, Closed> {
+        if self.0.rx_gone.load(Ordering::Relaxed) {
+            return Err(Closed);
+        }
+        Ok(self.0.q.push(pkt, Instant::now()))
+    }
+}
+
+impl Drop for QueueTx {
+    fn drop(&mut self) {
+        self.0.q.close();
+    }
+}
+
+impl Drop for QueueRx {
+    fn drop(&mut self) {
+        self.0.rx_gone.store(true, Ordering::Relaxed);
+    }
+}
+
+impl QueueRx {
+    /// Takes everything queued, without waiting.
+    pub fn take_all(&self) -> Vec<Vec<u8>> {
+        let mut all = Vec::new();
+        while let (Some(b), _) =
+            self.0
+                .q
+                .pop_batch(usize::MAX, usize::MAX, usize::MAX, Duration::ZERO)
+        {
+            if b.is_empty() {
+                break;
             }
-            Err(_) => break,
+            all.extend(b);
+        }
+        all
+    }
+}
+
+pub fn queue() -> (QueueTx, QueueRx) {
+    queue_with(fq::MAX_QUEUED_BYTES)
+}
+
+/// A queue holding at most `max_bytes`.
+pub fn queue_with(max_bytes: usize) -> (QueueTx, QueueRx) {
+    let chan = Arc::new(Chan {
+        q: FlowQueue::new(max_bytes),
+        rx_gone: AtomicBool::new(false),
+    });
+    (QueueTx(Arc::clone(&chan)), QueueRx(chan))
+}
+
+/// Blocks for the first packet, then takes what else is queued: up to `max` packets
+/// costing about `budget`, and never more than a transaction may send (MAX_TXN_BYTES). A
+/// lone packet goes out at once. Packets CoDel drops on the way are counted as
+/// `dropped_queue_full` (the queue dropped them). `None` once the queue is closed and
+/// empty.
+pub fn next_batch(rx: &QueueRx, max: usize, budget: usize, stats: &Stats) -> Option<Vec<Vec<u8>>> {
+    loop {
+        let (batch, drops) = rx.0.q.pop_batch(max, budget, MAX_TXN_BYTES, POLL_TIMEOUT);
+        count_drops(stats, drops);
+        match batch {
+            Some(b) if b.is_empty() => continue,
+            other => return other,
         }
     }
-    Some(batch)
+}
+
+fn count_drops(stats: &Stats, d: Drops) {
+    Stats::add(&stats.dropped_queue_full, d.overflow + d.codel);
 }
 
 /// Receives for `d` and drops what arrives, counting it as `dropped_db_down`: the database
@@ -71,10 +135,13 @@ pub fn drain_for(rx: &QueueRx, d: Duration, shared: &Shared) -> bool {
         if left.is_zero() {
             return true;
         }
-        match rx.recv_timeout(left.min(POLL_TIMEOUT)) {
-            Ok(_) => Stats::add(&shared.stats.dropped_db_down, 1),
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => return false,
+        let wait = left.min(POLL_TIMEOUT);
+        match rx.0.q.pop_batch(usize::MAX, usize::MAX, usize::MAX, wait) {
+            (Some(b), drops) => {
+                count_drops(&shared.stats, drops);
+                Stats::add(&shared.stats.dropped_db_down, b.len() as u64);
+            }
+            (None, _) => return false,
         }
     }
 }
@@ -97,31 +164,79 @@ pub fn run_reader<T: Tun>(tun: &T, tx: QueueTx, shared: &Shared) {
             };
             Stats::add(&stats.tun_read_packets, 1);
             Stats::add(&stats.tun_read_bytes, n as u64);
-            match tx.try_send(buf[..n].to_vec()) {
-                Ok(()) => {}
-                Err(TrySendError::Full(_)) => Stats::add(&stats.dropped_queue_full, 1),
-                Err(TrySendError::Disconnected(_)) => return,
+            match tx.send(buf[..n].to_vec()) {
+                Ok(drops) => count_drops(stats, drops),
+                Err(Closed) => return,
             }
             next = tun.try_recv(&mut buf);
         }
     }
 }
 
+/// The first send after this much silence looks whether the server closed the connection
+/// meanwhile (a restart, a failover; [`UplinkSession::check`]). A direction that was idle
+/// would otherwise learn it only when its first packet's send fails, and lose that packet.
+/// The look costs about a millisecond, on the first packet after an idle spell only.
+pub const IDLE_CHECK: Duration = Duration::from_secs(1);
+
+/// A batch held back while reconnecting (it was never sent) goes out on the new connection,
+/// unless getting one took longer than this: then it is stale, and dropped like everything
+/// read meanwhile.
+pub const HOLD_MAX: Duration = Duration::from_secs(10);
+
 /// The sender thread: batches from the queue → pgvpn.send() on `up`, reopened from `db`
 /// when the connection breaks. Ends when the reader has stopped and the queue is flushed,
 /// on shutdown during an outage, or on a fatal error.
 pub fn run_sender<D: Database>(
     db: &D,
-    mut up: D::Uplink,
+    up: D::Uplink,
     rx: QueueRx,
     batch_max: usize,
     shared: &Shared,
 ) {
+    run_sender_with(db, up, rx, batch_max, IDLE_CHECK, shared)
+}
+
+/// [`run_sender`] with the idle spell after which the connection is looked at first.
+pub fn run_sender_with<D: Database>(
+    db: &D,
+    mut up: D::Uplink,
+    rx: QueueRx,
+    batch_max: usize,
+    idle_check: Duration,
+    shared: &Shared,
+) {
     let stats = &shared.stats;
     let mut last_warning: Option<Instant> = None;
-    while let Some(batch) = next_batch(&rx, batch_max) {
+    // When the last call on `up` ended (or it was opened).
+    let mut last_used = Instant::now();
+    let mut sizer = BatchSizer::new(MIN_BUDGET, MAX_TXN_BYTES);
+    while let Some(batch) = next_batch(&rx, batch_max, sizer.budget(), stats) {
         let n = batch.len() as u64;
-        let err = match up.send(&batch) {
+        if last_used.elapsed() >= idle_check {
+            if let Err(e) = up.check() {
+                // Nothing of this batch reached the server: hold it, reconnect, send it.
+                log::info!("uplink: the database closed the connection while idle, reconnecting");
+                log::debug!("uplink: {e}");
+                let held_since = Instant::now();
+                match reconnect(db, &rx, shared) {
+                    Some(u) => up = u,
+                    None => return Stats::add(&stats.dropped_db_down, n),
+                }
+                if held_since.elapsed() > HOLD_MAX {
+                    Stats::add(&stats.dropped_db_down, n);
+                    last_used = Instant::now();
+                    continue;
+                }
+            }
+        }
+        let started = Instant::now();
+        let res = up.send(&batch);
+        last_used = Instant::now();
+        if res.is_ok() {
+            sizer.observe(batch.iter().map(|p| fq::cost(p)).sum(), last_used - started);
+        }
+        let err = match res {
             Ok(accepted) => {
                 Stats::add(&stats.sent, n);
                 Stats::add(&stats.accepted, accepted.min(n));
@@ -149,24 +264,37 @@ pub fn run_sender<D: Database>(
         Stats::add(&stats.dropped_db_down, n);
         log::info!("uplink: database connection lost, reconnecting");
         log::debug!("uplink: {err}");
-        match retry_open(
-            "uplink",
-            false,
-            || db.open_uplink(),
-            |d| drain_for(&rx, d, shared),
-        ) {
-            Ok(u) => {
-                up = u;
-                Stats::add(&stats.reconnects, 1);
-                log::info!("uplink: reconnected");
-            }
-            Err(GaveUp::Stopped) => {
-                Stats::add(&stats.dropped_db_down, rx.try_iter().count() as u64);
-                return;
-            }
-            Err(GaveUp::Fatal(e)) => {
-                return shared.fatal(e.class.exit_code(), format!("uplink: {e}"));
-            }
+        match reconnect(db, &rx, shared) {
+            Some(u) => up = u,
+            None => return,
+        }
+        last_used = Instant::now();
+    }
+}
+
+/// Opens a new uplink session, dropping (and counting) what is read meanwhile. `None` if
+/// the thread must end: the shim is stopping (what is still queued is counted as dropped)
+/// or the error is fatal (then the shim stops with it).
+fn reconnect<D: Database>(db: &D, rx: &QueueRx, shared: &Shared) -> Option<D::Uplink> {
+    let stats = &shared.stats;
+    match retry_open(
+        "uplink",
+        false,
+        || db.open_uplink(),
+        |d| drain_for(rx, d, shared),
+    ) {
+        Ok(u) => {
+            Stats::add(&stats.reconnects, 1);
+            log::info!("uplink: reconnected");
+            Some(u)
+        }
+        Err(GaveUp::Stopped) => {
+            Stats::add(&stats.dropped_db_down, rx.take_all().len() as u64);
+            None
+        }
+        Err(GaveUp::Fatal(e)) => {
+            shared.fatal(e.class.exit_code(), format!("uplink: {e}"));
+            None
         }
     }
 }
@@ -177,15 +305,21 @@ mod tests {
     use crate::error::DbError;
     use crate::fakes::{eventually, pkt, FakeDb, FakeTun};
     use crate::runtime::EXIT_DENIED;
+    use pgvpn_core::limits::MAX_PACKET;
     use std::sync::atomic::Ordering::Relaxed;
+
+    /// A batch with no cost budget (only the packet count and the transaction's bytes).
+    fn nb(rx: &QueueRx, max: usize) -> Option<Vec<Vec<u8>>> {
+        next_batch(rx, max, usize::MAX, &Stats::default())
+    }
 
     #[test]
     fn batches_stay_below_the_transaction_byte_limit() {
-        let (tx, rx) = sync_channel(400);
+        let (tx, rx) = queue_with(usize::MAX);
         for _ in 0..300 {
             tx.send(vec![0; 60_000]).unwrap();
         }
-        let b = next_batch(&rx, 256).unwrap();
+        let b = nb(&rx, 256).unwrap();
         let bytes: usize = b.iter().map(Vec::len).sum();
         assert!(bytes <= MAX_TXN_BYTES, "{bytes}");
         assert!(
@@ -193,30 +327,30 @@ mod tests {
             "as full as it may be: {bytes}"
         );
         assert_eq!(
-            b.len() + next_batch(&rx, 256).unwrap().len() + next_batch(&rx, 256).unwrap().len(),
+            b.len() + nb(&rx, 256).unwrap().len() + nb(&rx, 256).unwrap().len(),
             300
         );
     }
 
     #[test]
     fn lone_packet_goes_alone_queued_ones_together() {
-        let (tx, rx) = sync_channel(16);
+        let (tx, rx) = queue_with(1 << 20);
         tx.send(vec![1]).unwrap();
-        assert_eq!(next_batch(&rx, 256).unwrap(), vec![vec![1]]);
+        assert_eq!(nb(&rx, 256).unwrap(), vec![vec![1]]);
         for i in 0..10u8 {
             tx.send(vec![i]).unwrap();
         }
-        let b = next_batch(&rx, 4).unwrap();
+        let b = nb(&rx, 4).unwrap();
         assert_eq!(b, vec![vec![0], vec![1], vec![2], vec![3]]);
-        assert_eq!(next_batch(&rx, 4).unwrap().len(), 4);
-        assert_eq!(next_batch(&rx, 4).unwrap(), vec![vec![8], vec![9]]);
+        assert_eq!(nb(&rx, 4).unwrap().len(), 4);
+        assert_eq!(nb(&rx, 4).unwrap(), vec![vec![8], vec![9]]);
         drop(tx);
-        assert!(next_batch(&rx, 4).is_none());
+        assert!(nb(&rx, 4).is_none());
     }
 
     #[test]
     fn batch_blocks_for_first_packet_without_delaying_it() {
-        let (tx, rx) = sync_channel(16);
+        let (tx, rx) = queue_with(1 << 20);
         let t = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(50));
             tx.send(vec![7]).unwrap();
@@ -224,29 +358,29 @@ mod tests {
             tx.send(vec![8]).unwrap();
         });
         let start = Instant::now();
-        assert_eq!(next_batch(&rx, 256).unwrap(), vec![vec![7]]);
+        assert_eq!(nb(&rx, 256).unwrap(), vec![vec![7]]);
         assert!(start.elapsed() < Duration::from_millis(400));
-        assert_eq!(next_batch(&rx, 256).unwrap(), vec![vec![8]]);
+        assert_eq!(nb(&rx, 256).unwrap(), vec![vec![8]]);
         t.join().unwrap();
-        assert!(next_batch(&rx, 256).is_none());
+        assert!(nb(&rx, 256).is_none());
     }
 
     #[test]
     fn flushes_what_is_left_after_the_reader_stopped() {
-        let (tx, rx) = sync_channel(16);
+        let (tx, rx) = queue_with(1 << 20);
         for i in 0..5u8 {
             tx.send(vec![i]).unwrap();
         }
         drop(tx);
-        assert_eq!(next_batch(&rx, 3).unwrap().len(), 3);
-        assert_eq!(next_batch(&rx, 3).unwrap().len(), 2);
-        assert!(next_batch(&rx, 3).is_none());
+        assert_eq!(nb(&rx, 3).unwrap().len(), 3);
+        assert_eq!(nb(&rx, 3).unwrap().len(), 2);
+        assert!(nb(&rx, 3).is_none());
     }
 
     #[test]
     fn drain_counts_drops_and_notices_stop() {
         let shared = Shared::new();
-        let (tx, rx) = sync_channel(16);
+        let (tx, rx) = queue_with(1 << 20);
         for i in 0..3u8 {
             tx.send(vec![i]).unwrap();
         }
@@ -269,7 +403,7 @@ mod tests {
             tun.arrive(pkt(i, 100));
         }
         let shared = Shared::new();
-        let (tx, rx) = sync_channel(4);
+        let (tx, rx) = queue_with(400);
         std::thread::scope(|s| {
             s.spawn(|| run_reader(&tun, tx, &shared));
             eventually("all read", || {
@@ -279,8 +413,11 @@ mod tests {
         });
         assert_eq!(shared.stats.tun_read_bytes.load(Relaxed), 1000);
         assert_eq!(shared.stats.dropped_queue_full.load(Relaxed), 6);
-        let queued: Vec<Vec<u8>> = rx.try_iter().collect();
-        assert_eq!(queued, (0..4).map(|i| pkt(i, 100)).collect::<Vec<_>>());
+        // Dropped at the head, as fq_codel does: the newest packets are kept.
+        assert_eq!(
+            rx.take_all(),
+            (6..10).map(|i| pkt(i, 100)).collect::<Vec<_>>()
+        );
         assert_eq!(shared.exit_code(), crate::runtime::EXIT_OK);
     }
 
@@ -289,7 +426,7 @@ mod tests {
         let tun = FakeTun::new();
         tun.fail_next_read(std::io::Error::other("device gone"));
         let shared = Shared::new();
-        let (tx, _rx) = sync_channel(4);
+        let (tx, _rx) = queue_with(400);
         run_reader(&tun, tx, &shared);
         assert!(shared.stopping());
         assert_eq!(shared.exit_code(), EXIT_FATAL);
@@ -424,6 +561,116 @@ mod tests {
         });
         assert_eq!(shared.stats.dropped_db_down.load(Relaxed), 3);
         assert_eq!(shared.exit_code(), crate::runtime::EXIT_OK);
+    }
+
+    /// Runs the sender with `idle_check` through `script`, then closes the queue.
+    fn with_sender(
+        db: &FakeDb,
+        idle_check: Duration,
+        script: impl FnOnce(&QueueTx, &Shared),
+    ) -> Shared {
+        let shared = Shared::new();
+        let (tx, rx) = queue();
+        let up = db.open_uplink().unwrap();
+        std::thread::scope(|s| {
+            s.spawn(|| run_sender_with(db, up, rx, 256, idle_check, &shared));
+            script(&tx, &shared);
+            drop(tx);
+        });
+        shared
+    }
+
+    #[test]
+    fn an_idle_uplink_keeps_its_first_packet_after_a_restart() {
+        let idle = Duration::from_millis(30);
+        let script = |db: &FakeDb| {
+            let db2 = db.clone();
+            move |tx: &QueueTx, _: &Shared| {
+                tx.send(pkt(1, 10)).unwrap();
+                eventually("sent 1", || db2.batches().len() == 1);
+                // The server restarts while this direction is idle.
+                db2.restart();
+                std::thread::sleep(idle * 3);
+                tx.send(pkt(2, 10)).unwrap();
+                eventually("2 tried", || db2.batches().len() == 2);
+            }
+        };
+        let db = FakeDb::new();
+        let shared = with_sender(&db, idle, script(&db));
+        assert_eq!(
+            db.batches(),
+            [(vec![pkt(1, 10)], true), (vec![pkt(2, 10)], true)],
+            "packet 2 was held back, not sent into the dead connection"
+        );
+        assert_eq!(db.checks(), (1, 1), "one look, after the idle spell");
+        assert_eq!(db.uplink_opens(), 2);
+        assert_eq!(shared.stats.reconnects.load(Relaxed), 1);
+        assert_eq!(shared.stats.sent.load(Relaxed), 2);
+        assert_eq!(shared.stats.dropped_db_down.load(Relaxed), 0);
+
+        // The control: without the look, the same script loses packet 2 (the old defect).
+        let db = FakeDb::new();
+        let shared = with_sender(&db, Duration::from_secs(3600), script(&db));
+        assert_eq!(db.batches()[1], (vec![pkt(2, 10)], false));
+        assert_eq!(db.checks(), (0, 0));
+        assert_eq!(shared.stats.dropped_db_down.load(Relaxed), 1);
+    }
+
+    #[test]
+    fn a_busy_uplink_does_not_look_before_every_send() {
+        let db = FakeDb::new();
+        let shared = with_sender(&db, Duration::from_secs(3600), |tx, _| {
+            for i in 0..20 {
+                tx.send(pkt(i, 10)).unwrap();
+            }
+            eventually("all sent", || {
+                db.sent().iter().map(Vec::len).sum::<usize>() == 20
+            });
+        });
+        assert_eq!(db.checks(), (0, 0));
+        assert_eq!(shared.stats.sent.load(Relaxed), 20);
+        // After an idle spell, one look per spell, not one per packet.
+        let db = FakeDb::new();
+        with_sender(&db, Duration::from_millis(30), |tx, _| {
+            std::thread::sleep(Duration::from_millis(60));
+            for i in 0..5 {
+                tx.send(pkt(i, 10)).unwrap();
+            }
+            eventually("all sent", || {
+                db.sent().iter().map(Vec::len).sum::<usize>() == 5
+            });
+        });
+        assert_eq!(db.checks(), (1, 0), "a healthy connection passes the look");
+    }
+
+    #[test]
+    fn a_held_batch_waits_for_the_new_primary_and_the_rest_is_dropped() {
+        let db = FakeDb::new();
+        let idle = Duration::from_millis(30);
+        let shared = with_sender(&db, idle, |tx, shared| {
+            tx.send(pkt(1, 10)).unwrap();
+            eventually("sent 1", || db.batches().len() == 1);
+            // The primary dies while this direction is idle; no server for a while.
+            db.restart();
+            db.set_up(false);
+            std::thread::sleep(idle * 3);
+            tx.send(pkt(2, 10)).unwrap(); // held: never sent into the dead connection
+            eventually("retrying", || db.uplink_opens() >= 3);
+            for i in 3..=5 {
+                tx.send(pkt(i, 10)).unwrap();
+            }
+            eventually("dropped meanwhile", || {
+                shared.stats.dropped_db_down.load(Relaxed) == 3
+            });
+            db.set_up(true); // the standby is promoted
+            eventually("held batch sent", || db.batches().len() == 2);
+        });
+        assert_eq!(
+            db.batches(),
+            [(vec![pkt(1, 10)], true), (vec![pkt(2, 10)], true)]
+        );
+        assert_eq!(shared.stats.dropped_db_down.load(Relaxed), 3);
+        assert_eq!(shared.stats.reconnects.load(Relaxed), 1);
     }
 
     #[test]
