@@ -1,5 +1,6 @@
 //! Command-line flags and environment variables → [`Config`].
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Parser;
@@ -84,6 +85,13 @@ pub struct Cli {
     #[arg(long, env = "PGVPN_ACK_EVERY", value_name = "N", default_value_t = 4096,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub ack_every: u64,
+
+    /// Serve the counters (those of the shutdown summary, queue gauges, pgvpn.send()
+    /// latency) on http://ADDR:PORT/metrics in the Prometheus text format, e.g.
+    /// 127.0.0.1:9187 or [::1]:9187. Off by default; an address that cannot be bound is
+    /// exit code 2.
+    #[arg(long, env = "PGVPN_METRICS", value_name = "ADDR:PORT")]
+    pub metrics: Option<SocketAddr>,
 }
 
 /// An address with prefix length, as given to `ip addr add` (host bits kept).
@@ -112,6 +120,7 @@ pub struct Config {
     pub batch_max: usize,
     pub ack_interval: Duration,
     pub ack_every: u64,
+    pub metrics: Option<SocketAddr>,
 }
 
 /// A configuration error that clap's own validation does not catch (exit code 2).
@@ -139,6 +148,7 @@ impl Config {
             batch_max: cli.batch_max as usize,
             ack_interval: Duration::from_millis(cli.ack_interval_ms),
             ack_every: cli.ack_every,
+            metrics: cli.metrics,
         })
     }
 }
@@ -271,6 +281,32 @@ mod tests {
         ));
         let cli = parse(&["--db", "user=a", "--address", "198.18.0.1", "--mtu", "1000"]).unwrap();
         assert!(Config::from_cli(cli).is_ok());
+    }
+
+    #[test]
+    fn metrics_address() {
+        let _env = lock();
+        let base = ["--db", "user=a", "--address", "198.18.0.1"];
+        let cfg = Config::from_cli(parse(&base).unwrap()).unwrap();
+        assert_eq!(cfg.metrics, None, "off by default");
+        for (arg, want) in [
+            ("127.0.0.1:9187", "127.0.0.1:9187"),
+            ("[::1]:9187", "[::1]:9187"),
+        ] {
+            let mut v = base.to_vec();
+            v.extend_from_slice(&["--metrics", arg]);
+            let cfg = Config::from_cli(parse(&v).unwrap()).unwrap();
+            assert_eq!(cfg.metrics.map(|a| a.to_string()).as_deref(), Some(want));
+        }
+        for bad in ["9187", "localhost", "127.0.0.1", "1.2.3.4:99999"] {
+            let mut v = base.to_vec();
+            v.extend_from_slice(&["--metrics", bad]);
+            assert!(parse(&v).is_err(), "{bad}");
+        }
+        std::env::set_var("PGVPN_METRICS", "127.0.0.2:9100");
+        let cfg = Config::from_cli(parse(&base).unwrap()).unwrap();
+        std::env::remove_var("PGVPN_METRICS");
+        assert_eq!(cfg.metrics, Some("127.0.0.2:9100".parse().unwrap()));
     }
 
     #[test]

@@ -310,6 +310,42 @@ impl Settings {
         &self.warnings
     }
 
+    /// These settings with `-c name=value` added to the options sent at startup, unless
+    /// the options (the connection string's, or PGOPTIONS) already mention `name`: a
+    /// server setting the program wants by default and the connection string can override.
+    pub fn with_default_setting(&self, name: &str, value: &str) -> Settings {
+        let mut s = self.clone();
+        let existing = s.base.get_options().unwrap_or("").to_string();
+        if !existing.contains(name) {
+            let joined = if existing.trim().is_empty() {
+                format!("-c {name}={value}")
+            } else {
+                format!("{existing} -c {name}={value}")
+            };
+            s.base.options(&joined);
+        }
+        s
+    }
+
+    /// These settings, accepting only a server that allows writes (target_session_attrs =
+    /// read-write): a standby is skipped, and the next host is tried.
+    pub fn read_write(&self) -> Settings {
+        let mut s = self.clone();
+        s.base.target_session_attrs(TargetSessionAttrs::ReadWrite);
+        s
+    }
+
+    /// These settings, with `f` called for every NOTICE (or WARNING) the server sends on
+    /// the connections they open, instead of the postgres crate's default (an info! line).
+    pub fn with_notice_callback(
+        &self,
+        f: impl Fn(postgres::error::DbError) + Send + Sync + 'static,
+    ) -> Settings {
+        let mut s = self.clone();
+        s.base.notice_callback(f);
+        s
+    }
+
     /// The postgres crate's settings for one host.
     pub fn config_for(&self, t: &Target, application_name: &str) -> postgres::Config {
         let mut pg = self.base.clone();

@@ -7,7 +7,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::error::{DbError, ErrorClass};
-use crate::io::{Database, DownlinkSession, Tun, UplinkSession};
+use crate::io::{Database, DownlinkSession, Expired, Tun, UplinkSession};
 
 /// A stand-in packet: `len` bytes of `tag`.
 pub fn pkt(tag: u8, len: usize) -> Vec<u8> {
@@ -110,6 +110,12 @@ impl Tun for FakeTun {
 struct DbState {
     /// The server is down: sessions die, opens fail as transient.
     down: bool,
+    /// Bumped by a restart or a failover: sessions opened before are dead (the server
+    /// closed them; [`UplinkSession::check`] sees it).
+    generation: u64,
+    /// Uplink checks made, and how many found the connection closed.
+    checks: usize,
+    checks_failed: usize,
     /// Errors for the next opens (either kind), in order.
     open_errors: VecDeque<DbError>,
     uplink_opens: usize,
@@ -129,6 +135,8 @@ struct DbState {
     recv_waits: Vec<Duration>,
     acks: Vec<i64>,
     cursor: i64,
+    /// Expiry reports the next recv sends (as pgvpn.recv()'s NOTICE).
+    expired: Vec<Expired>,
 }
 
 struct DbInner {
@@ -167,6 +175,35 @@ impl FakeDb {
     /// The server stops (sessions die, new ones are refused) or comes back.
     pub fn set_up(&self, up: bool) {
         self.changed(|s| s.down = !up);
+    }
+
+    /// The server restarts while nobody is looking: every session dies, new ones work.
+    pub fn restart(&self) {
+        self.changed(|s| s.generation += 1);
+    }
+
+    /// A failover to a server that had received the log only up to `keep_upto` and the
+    /// cursor `cursor` (asynchronous replication): every session dies, the packets after
+    /// `keep_upto` are gone, and the new server hands out ids again from where its log
+    /// ends (use [`FakeDb::deliver`] for what it logs next).
+    pub fn fail_over(&self, keep_upto: i64, cursor: i64) {
+        self.changed(|s| {
+            s.generation += 1;
+            s.mailbox.retain(|id, _| *id <= keep_upto);
+            s.cursor = cursor;
+        });
+    }
+
+    /// (checks made, checks that found the connection closed)
+    pub fn checks(&self) -> (usize, usize) {
+        let s = self.state();
+        (s.checks, s.checks_failed)
+    }
+
+    /// The next recv reports that `packets` of the peer's packets (its total), ids up to
+    /// `upto`, expired unread.
+    pub fn report_expired(&self, packets: i64, upto: i64) {
+        self.state().expired.push(Expired { packets, upto });
     }
 
     pub fn fail_next_open(&self, e: DbError) {
@@ -261,6 +298,7 @@ impl Database for FakeDb {
     fn open_uplink(&self) -> Result<FakeUplink, DbError> {
         self.open(|s| s.uplink_opens += 1)?;
         Ok(FakeUplink {
+            generation: self.state().generation,
             db: self.clone(),
             dead: false,
         })
@@ -268,17 +306,21 @@ impl Database for FakeDb {
 
     fn open_downlink(&self) -> Result<FakeDownlink, DbError> {
         self.open(|s| s.downlink_opens += 1)?;
+        let s = self.state();
         Ok(FakeDownlink {
-            stored_cursor: self.cursor(),
+            stored_cursor: s.cursor,
+            generation: s.generation,
             db: self.clone(),
             dead: false,
+            notices: Vec::new(),
         })
     }
 }
 
-/// A session dies with the first transient error; a dead one fails every call.
-fn check_alive(s: &DbState, dead: &mut bool) -> Result<(), DbError> {
-    if s.down {
+/// A session dies with the first transient error, or when the server it was opened on
+/// restarted; a dead one fails every call.
+fn check_alive(s: &DbState, generation: u64, dead: &mut bool) -> Result<(), DbError> {
+    if s.down || s.generation != generation {
         *dead = true;
     }
     if *dead {
@@ -296,13 +338,14 @@ fn died(e: DbError, dead: &mut bool) -> DbError {
 
 pub struct FakeUplink {
     db: FakeDb,
+    generation: u64,
     dead: bool,
 }
 
 impl UplinkSession for FakeUplink {
     fn send(&mut self, batch: &[Vec<u8>]) -> Result<u64, DbError> {
         let mut s = self.db.state();
-        let res = check_alive(&s, &mut self.dead)
+        let res = check_alive(&s, self.generation, &mut self.dead)
             .and_then(|()| s.send_errors.pop_front().map_or(Ok(()), Err))
             .map_err(|e| died(e, &mut self.dead));
         s.batches.push((batch.to_vec(), res.is_ok()));
@@ -312,12 +355,25 @@ impl UplinkSession for FakeUplink {
     fn is_closed(&self) -> bool {
         self.dead
     }
+
+    fn check(&mut self) -> Result<(), DbError> {
+        let mut s = self.db.state();
+        s.checks += 1;
+        let res = check_alive(&s, self.generation, &mut self.dead);
+        if res.is_err() {
+            s.checks_failed += 1;
+        }
+        res
+    }
 }
 
 pub struct FakeDownlink {
     db: FakeDb,
     stored_cursor: i64,
+    generation: u64,
     dead: bool,
+    /// Reports received by this session, not yet taken.
+    notices: Vec<Expired>,
 }
 
 impl DownlinkSession for FakeDownlink {
@@ -338,10 +394,11 @@ impl DownlinkSession for FakeDownlink {
             s.recv_afters.push(after);
             s.recv_waits.push(wait);
             let call = s.recv_calls;
-            check_alive(&s, &mut self.dead)?;
+            check_alive(&s, self.generation, &mut self.dead)?;
             if let Some(e) = s.recv_failures.remove(&call) {
                 return Err(died(e, &mut self.dead));
             }
+            self.notices.append(&mut s.expired);
             let limit = if s.page == 0 {
                 limit
             } else {
@@ -364,7 +421,7 @@ impl DownlinkSession for FakeDownlink {
                     .wait_timeout(s, wait)
                     .unwrap_or_else(|e| e.into_inner())
                     .0;
-                check_alive(&s, &mut self.dead)?;
+                check_alive(&s, self.generation, &mut self.dead)?;
                 rows = pick(&s);
             }
             rows
@@ -377,9 +434,21 @@ impl DownlinkSession for FakeDownlink {
 
     fn ack(&mut self, upto: i64) -> Result<i64, DbError> {
         let mut s = self.db.state();
-        check_alive(&s, &mut self.dead)?;
+        check_alive(&s, self.generation, &mut self.dead)?;
+        // As pgvpn.ack: only forward, and never past the peer's newest packet.
+        let newest = s.mailbox.keys().next_back().copied().unwrap_or(0);
+        if upto > s.cursor && upto > newest {
+            return Err(DbError::new(
+                ErrorClass::Other,
+                format!("pgvpn.ack: {upto} is beyond the newest packet (SQLSTATE 22023)"),
+            ));
+        }
         s.acks.push(upto);
-        s.cursor = upto;
-        Ok(upto)
+        s.cursor = s.cursor.max(upto);
+        Ok(s.cursor)
+    }
+
+    fn take_expired(&mut self) -> Vec<Expired> {
+        std::mem::take(&mut self.notices)
     }
 }

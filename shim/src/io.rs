@@ -42,6 +42,22 @@ pub trait UplinkSession: Send {
 
     /// True once the connection is known to be gone.
     fn is_closed(&self) -> bool;
+
+    /// Before the first send after an idle spell: has the server closed the connection
+    /// meanwhile (a restart, a failover), as far as can be seen without a round trip? `Err`
+    /// if so. A batch sent into such a connection would be lost, and a failed send is never
+    /// resent (it may have committed); a batch held back because of this was never sent.
+    /// May take a millisecond.
+    fn check(&mut self) -> Result<(), DbError>;
+}
+
+/// What `pgvpn.recv()` said, in a NOTICE, about this receiver's packets that retention
+/// dropped before they were read: `packets` dropped unread so far (the peer's total, since
+/// it was created), ids up to `upto`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Expired {
+    pub packets: i64,
+    pub upto: i64,
 }
 
 /// The downlink session: `pgvpn.recv()` (a long poll) and `pgvpn.ack()`.
@@ -62,4 +78,7 @@ pub trait DownlinkSession: Send {
 
     /// Stores the delivery cursor; returns the stored value.
     fn ack(&mut self, upto: i64) -> Result<i64, DbError>;
+
+    /// The expiry reports received since the last call, oldest first.
+    fn take_expired(&mut self) -> Vec<Expired>;
 }

@@ -6,13 +6,17 @@
 //! * downlink: `pgvpn.recv()` (a long poll) --> tun write, `pgvpn.ack()` now and then,
 //!   on the downlink connection
 //! * main:     waits for SIGINT/SIGTERM or a fatal error, then joins and prints the summary.
+//! * metrics:  with --metrics, answers HTTP scrapes of the counters (metrics.rs).
 //!
 //! The modules are in the library (lib.rs); this file only parses flags and wires threads.
+
+mod metrics;
 
 use std::time::Duration;
 
 use clap::Parser;
 
+use metrics::{Timed, TimedUplink};
 use pgvpn_shim::backoff::{retry_open, GaveUp};
 use pgvpn_shim::config::{Cli, Config};
 use pgvpn_shim::db::{PgDownlink, PgUplink, Postgres};
@@ -43,6 +47,13 @@ fn run() -> i32 {
     if let Err(e) = runtime::install_signal_handlers(&shared.stop) {
         return fail(EXIT_FATAL, format!("installing signal handler: {e}"));
     }
+    let metrics_server = match cfg.metrics.map(metrics::bind).transpose() {
+        Ok(m) => m,
+        Err(e) => return fail(EXIT_USAGE, e),
+    };
+    if let Some(m) = &metrics_server {
+        log::info!("metrics on http://{}/metrics", m.server_addr());
+    }
 
     let tun = match TunDevice::create(&cfg.tun)
         .and_then(|t| t.configure(&cfg.addresses, cfg.mtu).map(|()| t))
@@ -57,7 +68,10 @@ fn run() -> i32 {
         addrs.join(" "),
         cfg.mtu
     );
-    let db = Postgres::new(cfg.pg.clone());
+    let db = Timed {
+        inner: Postgres::new(cfg.pg.clone()),
+        stats: &shared.stats,
+    };
     let ack = AckPolicy {
         interval: cfg.ack_interval,
         every: cfg.ack_every,
@@ -66,6 +80,15 @@ fn run() -> i32 {
     let (tx, rx) = uplink::queue();
     let startup_failure = std::thread::scope(|s| {
         let (shared, tun, db, ack) = (&shared, &tun, &db, &ack);
+        // Not `spawn`: the VPN does not stop when the metrics thread ends.
+        if let Some(server) = &metrics_server {
+            let started = std::thread::Builder::new()
+                .name("metrics".into())
+                .spawn_scoped(s, move || metrics::serve(server, shared));
+            if let Err(e) = started {
+                log::warn!("metrics: cannot start a thread: {e}");
+            }
+        }
         // Read the device from the start: what arrives before the database answers is
         // counted as dropped_db_down instead of silently overflowing the kernel's queue.
         let reader = spawn(s, "tun-reader", shared, move || {
@@ -123,11 +146,11 @@ fn run() -> i32 {
 /// Opens both sessions before moving packets, so that a bad role or password is an exit
 /// code and not a log line repeated forever. A refused connection is retried; meanwhile
 /// what the reader queues is dropped and counted.
-fn open_sessions(
-    db: &Postgres,
+fn open_sessions<'a>(
+    db: &Timed<'a, Postgres>,
     rx: &uplink::QueueRx,
     shared: &Shared,
-) -> Result<(PgDownlink, PgUplink), GaveUp> {
+) -> Result<(PgDownlink, TimedUplink<'a, PgUplink>), GaveUp> {
     let wait = |d| uplink::drain_for(rx, d, shared);
     let dl = retry_open("connect", true, || db.open_downlink(), wait)?;
     let up = retry_open("connect", true, || db.open_uplink(), wait)?;
