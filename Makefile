@@ -12,7 +12,7 @@ APT_PACKAGES := postgresql-15 postgresql-server-dev-15 libclang-dev clang pkg-co
                 libssl-dev iproute2 iputils-ping iperf3 procps openssl tcpdump g++
 PGRX_TEST_DATA ?= /tmp/pgvpn-pgrx-test-data
 
-.PHONY: all deps build install check test test-core test-ext test-e2e demo bench clean
+.PHONY: all deps build install check test test-core test-ext test-e2e demo bench bench-audit soak clean
 
 all: build
 
@@ -69,6 +69,20 @@ demo: install
 bench: install
 	$(CARGO) build --release -p pgvpn-shim -p pgvpn-tests
 	./target/release/bench $(BENCH_ARGS)
+
+# The audit queries on a big log (BENCH_AUDIT_ARGS="--packets N", --quick for a look;
+# 50M packets need about 20 GB under /tmp). Writes target/bench/audit-latest.json.
+bench-audit: install
+	$(CARGO) build --release -p pgvpn-shim -p pgvpn-tests
+	./target/release/bench-audit $(BENCH_AUDIT_ARGS)
+
+# A steady stream through the tunnel for 12 minutes while the log rotates every 5 s and
+# expires after a minute: log size, throughput per minute, memory, autovacuum,
+# exactly-once across chunk drops (SOAK_ARGS="--minutes N --pps N"). Not in `make test`
+# (tests/soak.rs runs a 90-second one there). Writes target/soak/latest.json.
+soak: install
+	$(CARGO) build --release -p pgvpn-shim -p pgvpn-tests
+	./target/release/soak $(SOAK_ARGS)
 
 clean:
 	$(CARGO) clean

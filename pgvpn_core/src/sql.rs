@@ -5,8 +5,11 @@
 pub const WHOAMI: &str = "SELECT current_user::text";
 /// `pgvpn.send(bytea[])`: returns how many packets were accepted.
 pub const SEND: &str = "SELECT pgvpn.send($1::bytea[])";
-/// `pgvpn.recv(after_id, max_packets, wait_ms)`: rows of (id, payload).
-pub const RECV: &str = "SELECT id, payload FROM pgvpn.recv($1::bigint, $2::int, $3::int)";
+/// `pgvpn.recv(after_id, max_packets, wait_ms)`: rows of (id, payload). Called in the
+/// select list (a ProjectSet), not in FROM: a function in FROM is first copied whole into
+/// a tuplestore, while this way each row streams to the client as recv produces it.
+pub const RECV: &str = "SELECT (r).id, (r).payload \
+    FROM (SELECT pgvpn.recv($1::bigint, $2::int, $3::int) AS r OFFSET 0) AS page";
 /// `pgvpn.ack(upto_id)`: returns the stored cursor.
 pub const ACK: &str = "SELECT pgvpn.ack($1::bigint)";
 /// `pgvpn.cursor()`: the stored cursor.

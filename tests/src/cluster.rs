@@ -329,6 +329,84 @@ impl Cluster {
         self.stopped = false;
     }
 
+    /// A cluster whose data directory is not made by initdb but by `fill` (e.g.
+    /// `pg_basebackup` of another cluster), which gets the new data directory's path; it
+    /// runs as root, and the directory is then given to `postgres`. The copied
+    /// `postgresql.conf` keeps its settings; lines appended to it point the socket and
+    /// the port at this cluster's own directory, and `extra_conf` follows.
+    pub fn start_from(fill: impl FnOnce(&Path), extra_conf: &[&str]) -> Cluster {
+        let n = next_id();
+        let dir = std::env::temp_dir().join(format!("{DIR_PREFIX}{}-{n}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("create cluster dir");
+        let port = 20000 + ((std::process::id() as u64 * 7 + n) % 40000) as u16;
+        let mut cluster = Cluster {
+            dir,
+            port,
+            stopped: true,
+            netns: None,
+        };
+        let data = cluster.data_dir();
+        fill(&data);
+        run_ok(
+            Command::new("chown")
+                .arg("-R")
+                .arg("postgres:postgres")
+                .arg(&cluster.dir),
+        );
+        run_ok(
+            Command::new("chmod")
+                .arg("0700")
+                .arg(&cluster.dir)
+                .arg(&data),
+        );
+        let mut conf = format!(
+            "\n# pgvpn test harness (a copy of another cluster)\nunix_socket_directories = '{}'\nport = {}\n",
+            cluster.dir.display(),
+            port
+        );
+        for line in extra_conf {
+            conf.push_str(line);
+            conf.push('\n');
+        }
+        let conf_path = data.join("postgresql.conf");
+        let mut existing = fs::read_to_string(&conf_path).expect("read postgresql.conf");
+        existing.push_str(&conf);
+        fs::write(&conf_path, existing).expect("write postgresql.conf");
+        cluster.start_again();
+        cluster
+    }
+
+    /// Clean shutdown (`pg_ctl stop -m fast`, with its shutdown checkpoint), e.g. to
+    /// swap the installed library before [`Cluster::start_again`]. Idempotent.
+    pub fn stop_fast(&mut self) {
+        if self.stopped {
+            return;
+        }
+        run_ok(
+            as_postgres(&self.dir, &pg_bindir().join("pg_ctl"))
+                .arg("stop")
+                .args(["-m", "fast", "-w", "-t", "60", "-D"])
+                .arg(self.data_dir()),
+        );
+        self.stopped = true;
+    }
+
+    /// Start a stopped cluster (after [`Cluster::stop_fast`] or [`Cluster::stop`]).
+    pub fn start_again(&mut self) {
+        if !self.stopped {
+            return;
+        }
+        let out = output(&mut self.pg_ctl_start());
+        assert!(
+            out.status.success(),
+            "pg_ctl start failed: {}\n--- server log ---\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log_tail(40)
+        );
+        self.stopped = false;
+    }
+
     /// Stop the server now (immediate mode). Idempotent.
     pub fn stop(&mut self) {
         if self.stopped {
@@ -345,6 +423,74 @@ impl Cluster {
         let _ = wait_for(Duration::from_secs(10), Duration::from_millis(50), || {
             (!self.data_dir().join("postmaster.pid").exists()).then_some(())
         });
+    }
+}
+
+/// `/proc/PID/stat`: (state, parent PID).
+fn proc_stat(pid: u32) -> Option<(char, u32)> {
+    let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+    let rest = &text[text.rfind(')')? + 1..];
+    let mut f = rest.split_whitespace();
+    let state = f.next()?.chars().next()?;
+    let ppid = f.next()?.parse().ok()?;
+    Some((state, ppid))
+}
+
+/// Running, not a zombie waiting for a parent that is gone.
+fn running(pid: u32) -> bool {
+    proc_stat(pid).is_some_and(|(state, _)| state != 'Z' && state != 'X')
+}
+
+fn children_of(parent: u32) -> Vec<u32> {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| proc_stat(*pid).is_some_and(|(_, ppid)| ppid == parent))
+        .collect()
+}
+
+/// For replication and failover tests (see `crate::replication`): the postmaster as a
+/// process, and promotion.
+impl Cluster {
+    /// The postmaster's PID (the first line of `postmaster.pid`), if it is running.
+    pub fn postmaster_pid(&self) -> Option<u32> {
+        let text = fs::read_to_string(self.data_dir().join("postmaster.pid")).ok()?;
+        let pid: u32 = text.lines().next()?.trim().parse().ok()?;
+        running(pid).then_some(pid)
+    }
+
+    /// `kill -9` of the postmaster, as when the server crashes: no shutdown, nothing
+    /// flushed that was not already. Its backends notice and exit; this returns once they
+    /// are gone. The data directory stays as a crash leaves it.
+    pub fn kill9(&mut self) {
+        let Some(pid) = self.postmaster_pid() else {
+            self.stopped = true;
+            return;
+        };
+        let children = children_of(pid);
+        util::signal(pid, "KILL");
+        self.stopped = true;
+        let gone = wait_for(Duration::from_secs(15), Duration::from_millis(10), || {
+            (!running(pid) && !children.iter().any(|c| running(*c))).then_some(())
+        });
+        assert!(
+            gone.is_some(),
+            "processes of the killed postmaster {pid} still running: {children:?}"
+        );
+    }
+
+    /// `pg_ctl promote -w`: a standby stops recovery and becomes a primary.
+    pub fn promote(&self) {
+        run_ok(
+            as_postgres(&self.dir, &pg_bindir().join("pg_ctl"))
+                .arg("promote")
+                .args(["-w", "-t", "60", "-D"])
+                .arg(self.data_dir()),
+        );
     }
 }
 

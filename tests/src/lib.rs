@@ -19,11 +19,20 @@
 //! `openssl` and `tcpdump` (tests/tls_network.rs).
 
 pub mod cluster;
+pub mod dbstate;
+pub mod fill;
 pub mod netns;
 pub mod packet;
+pub mod pgcopy;
+pub mod pgtools;
+pub mod replication;
+pub mod schemadiff;
 pub mod shim;
+pub mod soak;
 pub mod spec;
 pub mod sql;
+pub mod stream;
+pub mod tools;
 pub mod underlay;
 pub mod util;
 

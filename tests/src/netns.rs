@@ -27,6 +27,15 @@ fn ns_pids(name: &str) -> Vec<u32> {
         .collect()
 }
 
+/// Alive and not a zombie (an exited child not reaped yet is in no namespace).
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|st| {
+        // The state follows the command name, which is in parentheses and may hold spaces.
+        st.rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X']))
+    })
+}
+
 fn list_namespaces() -> Vec<String> {
     let out = output(Command::new("ip").args(["netns", "list"]));
     String::from_utf8_lossy(&out.stdout)
@@ -192,7 +201,17 @@ impl Netns {
 impl Drop for Netns {
     fn drop(&mut self) {
         let started = self.started.lock().unwrap().clone();
-        let inside = ns_pids(&self.name);
+        // A process spawned a moment ago may still be `ip netns exec` on its way in (it
+        // enters the namespace, then execs): wait for it to arrive or end, or it would
+        // escape the kill below and outlive its namespace.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let mut inside = ns_pids(&self.name);
+        while Instant::now() < deadline
+            && started.iter().any(|p| !inside.contains(p) && running(*p))
+        {
+            std::thread::sleep(Duration::from_millis(20));
+            inside = ns_pids(&self.name);
+        }
         for pid in started.iter().filter(|p| inside.contains(p)) {
             util::signal(*pid, "KILL");
         }

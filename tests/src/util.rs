@@ -114,3 +114,29 @@ pub use pgvpn_core::rng::Rng;
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+/// A scratch directory for a test's files (process output, certificates, captures),
+/// removed on drop unless `PGVPN_KEEP_LOGS` is set.
+pub struct TmpDir(PathBuf);
+
+impl TmpDir {
+    /// `<tmp>/pgvpn-<what>-<pid>-<n>`.
+    pub fn new(what: &str) -> TmpDir {
+        let p =
+            std::env::temp_dir().join(format!("pgvpn-{what}-{}-{}", std::process::id(), next_id()));
+        std::fs::create_dir_all(&p).unwrap_or_else(|e| panic!("create {}: {e}", p.display()));
+        TmpDir(p)
+    }
+
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TmpDir {
+    fn drop(&mut self) {
+        if std::env::var_os("PGVPN_KEEP_LOGS").is_none() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}

@@ -23,6 +23,7 @@ mod pki;
 use pgvpn_tests::cluster::ClusterOptions;
 use pgvpn_tests::sql::create_peer;
 use pgvpn_tests::underlay::{self, Capture, Underlay, DB_ADDR};
+use pgvpn_tests::util::TmpDir;
 use pgvpn_tests::{util, Bg, Cluster, Netns, Shim, ShimSpec};
 use pki::Ca;
 use std::path::{Path, PathBuf};
@@ -40,32 +41,6 @@ const CAROL_UNDERLAY: &str = "198.19.0.4";
 
 fn netcheck() -> &'static str {
     env!("CARGO_BIN_EXE_pgvpn-netcheck")
-}
-
-/// A scratch dir (certificates, captures, outputs), removed on drop.
-struct TmpDir(PathBuf);
-
-impl TmpDir {
-    fn new() -> TmpDir {
-        let p = std::env::temp_dir().join(format!(
-            "pgvpn-tlsnet-{}-{}",
-            std::process::id(),
-            util::next_id()
-        ));
-        std::fs::create_dir_all(&p).unwrap();
-        TmpDir(p)
-    }
-    fn file(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TmpDir {
-    fn drop(&mut self) {
-        if std::env::var_os("PGVPN_KEEP_LOGS").is_none() {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
 }
 
 /// The client files of one peer.
@@ -105,7 +80,7 @@ fn require_env() {
 impl Net {
     fn new() -> Net {
         require_env();
-        let tmp = TmpDir::new();
+        let tmp = TmpDir::new("tlsnet");
         let pki_dir = tmp.file("pki");
         std::fs::create_dir(&pki_dir).unwrap();
         let ca = Ca::new(&pki_dir, "ca", "pgvpn test CA");

@@ -10,12 +10,24 @@
 //! * `plan`     — what one run measures, in which order.
 //! * `report`   — medians, the table, the JSON file.
 //!
+//! `make bench-audit` (src/bin/bench_audit.rs) builds a big log and times the audit
+//! queries on it:
+//!
+//! * `auditmix` — the traffic: sites, hosts, TCP streams, DNS, pings (pure).
+//! * `auditlog` — parallel senders that build the log, parked at measurement points.
+//! * `auditq`   — the audit queries, timed as an auditor, with their plans.
+//! * `flowcase` — the flow index's worst case: a new flow in every packet.
+//!
 //! Everything runs in network namespaces this program creates (no veth to the root
 //! namespace, no default route, 198.18.0.0/15 only); the database is reached through its
 //! unix socket. Drop guards tear everything down, also on a panic or Ctrl-C.
 
+pub mod auditlog;
+pub mod auditmix;
+pub mod auditq;
 pub mod ceiling;
 pub mod cpu;
+pub mod flowcase;
 pub mod logcheck;
 pub mod measure;
 pub mod plan;

@@ -34,6 +34,54 @@ pub struct Env {
     pub pg_settings: Vec<(String, String)>,
 }
 
+/// The machine and the database's settings. `db` is any database of `cluster`.
+pub fn environment(cluster: &pgvpn_tests::Cluster, db: &str, started: u64) -> Env {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu_model = cpuinfo
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")?
+                .split_once(':')
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let mut su = cluster.superuser(db);
+    let mut show = |name: &str| -> Option<String> {
+        su.query_one(&format!("SHOW {name}"), &[])
+            .ok()
+            .map(|r| r.get::<_, String>(0))
+    };
+    let postgres = show("server_version").unwrap_or_default();
+    let mut names = vec![
+        "synchronous_commit",
+        "pgvpn.synchronous_commit",
+        "fsync",
+        "pgvpn.max_backlog",
+    ];
+    names.extend(
+        super::topology::BENCH_CONF
+            .iter()
+            .filter_map(|l| l.split(" = ").next()),
+    );
+    let pg_settings = names
+        .iter()
+        .filter_map(|n| Some((n.to_string(), show(n)?)))
+        .collect();
+    Env {
+        started_utc: timestamps(started).0,
+        cpu_model,
+        cores: std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+            .to_string(),
+        postgres,
+        pg_settings,
+    }
+}
+
 /// Numbers the way people read them: 3 significant digits, no exponent.
 pub fn num(x: f64) -> String {
     let a = x.abs();
@@ -324,6 +372,16 @@ pub fn write_json(dir: &Path, stamp: &str, v: &Value) -> std::io::Result<PathBuf
     let path = dir.join(format!("bench-{stamp}.json"));
     std::fs::write(&path, &text)?;
     std::fs::write(dir.join("latest.json"), &text)?;
+    Ok(path)
+}
+
+/// Write `<prefix>-<stamp>.json` and `<prefix>-latest.json` into `dir`; returns the first.
+pub fn write_json_as(dir: &Path, prefix: &str, stamp: &str, v: &Value) -> std::io::Result<PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    let text = serde_json::to_string_pretty(v).expect("serialize") + "\n";
+    let path = dir.join(format!("{prefix}-{stamp}.json"));
+    std::fs::write(&path, &text)?;
+    std::fs::write(dir.join(format!("{prefix}-latest.json")), &text)?;
     Ok(path)
 }
 

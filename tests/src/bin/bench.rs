@@ -9,13 +9,17 @@
 //! Exits 0 whatever the speed; 1 if something is broken (a log check failed, a tool or
 //! measurement failed), 2 on bad flags, 130 when interrupted. Modules: tests/src/bench/.
 
+#[allow(
+    dead_code,
+    reason = "modules shared by the bench binaries; each uses a part"
+)]
 #[path = "../bench/mod.rs"]
 mod bench;
 
 use bench::logcheck::Verdict;
 use bench::plan::{self, RunResult, Settings};
-use bench::report::{self, Env, Table};
-use bench::topology::{Direct, Tunnel, BENCH_CONF, DB};
+use bench::report::{self, Table};
+use bench::topology::{Direct, Tunnel, DB};
 use bench::{interrupted, Scratch};
 use pgvpn_core::limits::{DEFAULT_MTU, MAX_PACKET, MIN_MTU_IPV6};
 use pgvpn_tests::util;
@@ -85,41 +89,6 @@ fn main() {
     std::process::exit(run(&settings));
 }
 
-fn environment(tunnel: &Tunnel, started: u64) -> Env {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let cpu_model = cpuinfo
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("model name")?
-                .split_once(':')
-                .map(|(_, v)| v.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let mut su = tunnel.cluster.superuser(DB);
-    let mut show = |name: &str| -> String {
-        su.query_one(&format!("SHOW {name}"), &[])
-            .map(|r| r.get::<_, String>(0))
-            .unwrap_or_default()
-    };
-    let postgres = show("server_version");
-    let mut names = vec!["synchronous_commit", "fsync"];
-    names.extend(BENCH_CONF.iter().filter_map(|l| l.split(" = ").next()));
-    let pg_settings = names.iter().map(|n| (n.to_string(), show(n))).collect();
-    Env {
-        started_utc: report::timestamps(started).0,
-        cpu_model,
-        cores: std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1),
-        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
-            .unwrap_or_default()
-            .trim()
-            .to_string(),
-        postgres,
-        pg_settings,
-    }
-}
-
 fn run(settings: &Settings) -> i32 {
     let t0 = Instant::now();
     let started = SystemTime::now()
@@ -130,7 +99,7 @@ fn run(settings: &Settings) -> i32 {
     eprintln!("[bench] starting a private PostgreSQL cluster, namespaces and a veth pair…");
     let mut tunnel = Tunnel::new();
     let direct = Direct::new();
-    let env = environment(&tunnel, started);
+    let env = report::environment(&tunnel.cluster, DB, started);
 
     let mut runs: Vec<RunResult> = Vec::new();
     for n in 1..=settings.runs {
