@@ -3,7 +3,7 @@
 use crate::cluster::Cluster;
 use crate::netns::{Bg, Netns};
 use crate::util::{self, next_id, tail, wait_for};
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::time::Duration;
@@ -283,5 +283,28 @@ impl Drop for Shim {
         } else {
             eprintln!("[shim] log kept at {}", self.log.display());
         }
+    }
+}
+
+/// The counters of the last `pgvpn-shim summary: k=v ...` line in a shim's output.
+pub fn parse_summary(output: &str) -> Option<BTreeMap<String, i64>> {
+    output
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("pgvpn-shim summary:"))
+        .map(|l| {
+            l.split_whitespace()
+                .filter_map(|kv| kv.split_once('='))
+                .filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
+                .collect()
+        })
+}
+
+impl Shim {
+    /// Stops the shim and returns the counters it printed when it stopped.
+    pub fn stop_and_summary(&mut self) -> BTreeMap<String, i64> {
+        self.stop();
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        parse_summary(&text).unwrap_or_else(|| panic!("no summary line in:\n{}", self.log_tail(30)))
     }
 }

@@ -328,21 +328,6 @@ fn sample(su: &mut Client, ns_b: &Netns, shims: &[&Shim; 2], backends: &[u32]) -
     }
 }
 
-/// The `pgvpn-shim summary:` line's counters.
-fn summary(output: &str) -> BTreeMap<String, i64> {
-    output
-        .lines()
-        .rev()
-        .find_map(|l| l.strip_prefix("pgvpn-shim summary:"))
-        .map(|l| {
-            l.split_whitespace()
-                .filter_map(|kv| kv.split_once('='))
-                .filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 fn finish(mut bg: Bg, out: &Path, timeout: Duration, what: &str) -> Value {
     let st = bg.wait_timeout(timeout);
     let err = std::fs::read_to_string(out.with_extension("err")).unwrap_or_default();
@@ -583,7 +568,9 @@ pub fn run(cfg: &Config) -> Report {
     let (mut shim_a, mut shim_b) = (shim_a, shim_b);
     shim_a.stop();
     shim_b.stop();
-    let sa = summary(&std::fs::read_to_string(shim_a.log_path()).unwrap_or_default());
+    let sa =
+        crate::shim::parse_summary(&std::fs::read_to_string(shim_a.log_path()).unwrap_or_default())
+            .unwrap_or_default();
     rep.shim_drops = ["dropped_queue_full", "dropped_db_down", "dropped_db_error"]
         .iter()
         .map(|k| sa.get(*k).copied().unwrap_or(0))

@@ -23,7 +23,6 @@ use pgvpn_tests::sql::{create_peer, scalar_i64};
 use pgvpn_tests::stream::{self, compare, now_us, ranges, read_arrivals, Arrival};
 use pgvpn_tests::util::TmpDir;
 use pgvpn_tests::{util, Bg, Cluster, Netns, Shim, ShimSpec};
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -219,22 +218,6 @@ impl Stream {
     }
 }
 
-/// The counters a shim printed when it stopped (`pgvpn-shim summary: k=v ...`).
-fn summary(shim: &mut Shim) -> HashMap<String, i64> {
-    shim.stop();
-    let text = std::fs::read_to_string(shim.log_path()).unwrap_or_default();
-    let line = text
-        .lines()
-        .find_map(|l| l.strip_prefix("pgvpn-shim summary: "))
-        .unwrap_or_else(|| panic!("no summary line in:\n{}", shim.log_tail(30)));
-    line.split_whitespace()
-        .filter_map(|kv| {
-            let (k, v) = kv.split_once('=')?;
-            Some((k.to_string(), v.parse().ok()?))
-        })
-        .collect()
-}
-
 fn log_text(shim: &Shim) -> String {
     std::fs::read_to_string(shim.log_path()).unwrap_or_default()
 }
@@ -289,8 +272,8 @@ fn a_synchronous_standby_takes_over() {
         &format!("SELECT count(*) FROM pgvpn.packets WHERE id > {last_old_id}"),
     );
     let c = compare(&arrivals, COUNT, &logged);
-    let sa = summary(&mut ha.shim_a);
-    let sb = summary(&mut ha.shim_b);
+    let sa = ha.shim_a.stop_and_summary();
+    let sb = ha.shim_b.stop_and_summary();
 
     let outage_us = first_back.at_us - t_kill;
     let after_promotion_us = first_back.at_us.saturating_sub(t_promoted);
@@ -401,7 +384,7 @@ fn a_standby_that_was_behind_takes_over() {
     let mut su = ha.standby.superuser(DB);
     let logged = stream::logged_seqs(&mut su, ha.bob_id, PORT, 42);
     let c = compare(&arrivals, COUNT, &logged);
-    let sb = summary(&mut ha.shim_b);
+    let sb = ha.shim_b.stop_and_summary();
     let log_b = log_text(&ha.shim_b);
     let newest = reported_newest(&log_b).unwrap_or_else(|| {
         panic!(

@@ -106,21 +106,6 @@ impl Stream {
     }
 }
 
-fn summary(shim: &mut Shim) -> HashMap<String, i64> {
-    shim.stop();
-    let text = std::fs::read_to_string(shim.log_path()).unwrap_or_default();
-    let line = text
-        .lines()
-        .find_map(|l| l.strip_prefix("pgvpn-shim summary: "))
-        .unwrap_or_else(|| panic!("no summary line in:\n{}", shim.log_tail(30)));
-    line.split_whitespace()
-        .filter_map(|kv| {
-            let (k, v) = kv.split_once('=')?;
-            Some((k.to_string(), v.parse().ok()?))
-        })
-        .collect()
-}
-
 fn secs(us: u128) -> f64 {
     us as f64 / 1e6
 }
@@ -204,8 +189,8 @@ fn a_partitioned_shim_notices_counts_and_recovers() {
         count,
         &stream::logged_seqs(&mut su, alice_id, 6102, 52),
     );
-    let sa = summary(&mut shim_a);
-    let sb = summary(&mut shim_b);
+    let sa = shim_a.stop_and_summary();
+    let sb = shim_b.stop_and_summary();
     let dropped = sa["dropped_db_down"] + sa["dropped_queue_full"] + sa["dropped_db_error"];
     eprintln!(
         "partition: alice's link down for {} s; noticed: {noticed:?}\n\
