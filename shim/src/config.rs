@@ -69,7 +69,7 @@ pub struct Cli {
     pub mtu: u32,
 
     /// Most packets handed to one pgvpn.send() call. A lone packet is sent at once; under
-    /// load, whatever queued up while the previous call ran goes in the next one.
+    /// load, batches are sized to take about 2 ms (fq::BATCH_TARGET), up to this many.
     #[arg(long, env = "PGVPN_BATCH_MAX", value_name = "N", default_value_t = 256,
           value_parser = clap::value_parser!(u32).range(1..=65535))]
     pub batch_max: u32,
