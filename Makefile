@@ -6,10 +6,11 @@ CARGO ?= cargo
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 # Packages: PostgreSQL 15 + headers (extension build), clang (bindgen), sudo (pgrx test
 # --runas), libssl-dev (TLS to the database), iproute2/iputils/iperf3 (namespaces, ping,
-# demo and bench traffic), openssl + tcpdump (the TLS test's CA and its wire capture),
+# demo and bench traffic), openssl + tcpdump (the TLS test's CA and its wire capture), tshark
+# (the capture tests read pgvpn capture's files with it),
 # g++ (libFuzzer in the fuzz smoke).
 APT_PACKAGES := postgresql-15 postgresql-server-dev-15 libclang-dev clang pkg-config sudo \
-                libssl-dev iproute2 iputils-ping iperf3 procps openssl tcpdump g++
+                libssl-dev iproute2 iputils-ping iperf3 procps openssl tcpdump tshark g++
 PGRX_TEST_DATA ?= /tmp/pgvpn-pgrx-test-data
 
 .PHONY: all deps build install check test test-core test-ext test-e2e demo bench bench-audit soak clean
