@@ -20,34 +20,9 @@ use pgvpn_tests::packet::{self, TCP_SYN};
 use pgvpn_tests::spec::{A4, A6, B4, B6, C4, DB};
 use pgvpn_tests::sql::{ack, create_auditor, create_peer, recv, scalar_i64, send};
 use pgvpn_tests::tools::{self, prom, tshark};
+use pgvpn_tests::util::TmpDir;
 use pgvpn_tests::{db_error, util, Cluster, Netns, Shim, ShimSpec};
 use postgres::Client;
-
-/// A scratch directory, removed on drop (kept with PGVPN_KEEP_LOGS).
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new() -> Scratch {
-        let p = std::env::temp_dir().join(format!(
-            "pgvpn-tools-{}-{}",
-            std::process::id(),
-            util::next_id()
-        ));
-        std::fs::create_dir_all(&p).unwrap();
-        Scratch(p)
-    }
-    fn file(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        if std::env::var_os("PGVPN_KEEP_LOGS").is_none() {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-}
 
 fn cidr(a: &str) -> String {
     if a.contains(':') {
@@ -239,7 +214,7 @@ fn capture_writes_the_log_as_pcap_and_pcapng() {
     assert_eq!(rows.len() as i64, logged);
     assert!(rows.windows(2).all(|w| w[0].id < w[1].id));
     assert!(rows.iter().any(|r| r.src.is_ipv6()) && rows.iter().any(|r| r.src.is_ipv4()));
-    let tmp = Scratch::new();
+    let tmp = TmpDir::new("tools");
 
     // classic pcap: LINKTYPE_RAW, nanosecond timestamps, one frame per row in id order
     let pcap = tmp.file("all.pcap");
@@ -316,7 +291,7 @@ fn capture_filters_by_peer_host_and_time() {
     )
     .unwrap();
     let rows = log_rows(&cluster);
-    let tmp = Scratch::new();
+    let tmp = TmpDir::new("tools");
     let ago = |d: u64| SystemTime::now() - Duration::from_secs(d);
     let in_net = |a: &IpAddr, net: &str| {
         let n = pgvpn_core::cidr::parse(net).unwrap().trunc();
@@ -447,6 +422,26 @@ fn capture_filters_by_peer_host_and_time() {
 }
 
 /// Waits until the pcapng capture at `file` holds `n` frames (it may be growing).
+/// `pgvpn capture --follow FILTERS --format pcapng -w <tmp>/NAME` as the auditor, returned
+/// once it has started (its file has its header).
+fn follow(
+    cluster: &Cluster,
+    tmp: &TmpDir,
+    name: &str,
+    filters: &[&str],
+) -> (PathBuf, tools::Running) {
+    let file = tmp.file(name);
+    let mut args = vec!["capture", "--follow"];
+    args.extend_from_slice(filters);
+    args.extend(["--format", "pcapng", "-w", file.to_str().unwrap()]);
+    let cap = tools::spawn(cluster, DB, "auditor", &args, &file.with_extension("err"));
+    util::wait_for(Duration::from_secs(10), Duration::from_millis(50), || {
+        std::fs::metadata(&file).ok().filter(|m| m.len() > 0)
+    })
+    .expect("the capture starts (its file has its header)");
+    (file, cap)
+}
+
 fn wait_frames(file: &Path, n: usize, what: &str) -> Vec<i64> {
     let got = util::wait_for(Duration::from_secs(20), Duration::from_millis(100), || {
         let ids = if file.exists() { ids(file) } else { vec![] };
@@ -466,22 +461,8 @@ fn follow_streams_new_packets_and_stops_cleanly_on_sigint() {
     let mut alice = cluster.connect("alice", DB);
     let mut carol = cluster.connect("carol", DB);
     send(&mut alice, &[packet::udp(A4, B4, 1, 2, b"history")]);
-    let tmp = Scratch::new();
-    let file = tmp.file("live.pcapng");
-    let mut cap = tools::spawn(
-        &cluster,
-        DB,
-        "auditor",
-        &[
-            "capture",
-            "--follow",
-            "--format",
-            "pcapng",
-            "-w",
-            file.to_str().unwrap(),
-        ],
-        &tmp.file("cap.err"),
-    );
+    let tmp = TmpDir::new("tools");
+    let (file, mut cap) = follow(&cluster, &tmp, "live.pcapng", &[]);
     wait_frames(&file, 1, "the history");
 
     // single packets from two senders to two receivers, then a batch of 50
@@ -525,30 +506,12 @@ fn follow_streams_new_packets_and_stops_cleanly_on_sigint() {
     );
 
     // SIGTERM as well; and a follow capture with a filter sees only its packets
-    let file2 = tmp.file("carol.pcapng");
-    let mut cap2 = tools::spawn(
+    let (file2, mut cap2) = follow(
         &cluster,
-        DB,
-        "auditor",
-        &[
-            "capture",
-            "--follow",
-            "--peer",
-            "carol",
-            "--since",
-            "now",
-            "--format",
-            "pcapng",
-            "-w",
-            file2.to_str().unwrap(),
-        ],
-        &tmp.file("cap2.err"),
+        &tmp,
+        "carol.pcapng",
+        &["--peer", "carol", "--since", "now"],
     );
-    // started: its (empty) file has its header
-    util::wait_for(Duration::from_secs(10), Duration::from_millis(50), || {
-        std::fs::metadata(&file2).ok().filter(|m| m.len() > 0)
-    })
-    .expect("the capture starts");
     std::thread::sleep(Duration::from_millis(300));
     send(&mut alice, &[packet::udp(A4, B4, 9, 9, b"not carol")]);
     send(&mut carol, &[packet::udp(C4, A4, 9, 9, b"carol")]);
@@ -582,26 +545,8 @@ fn follow_waits_for_an_earlier_id_that_commits_later() {
     let mut carol = cluster.connect("carol", DB);
     send(&mut carol, &[packet::udp(C4, A4, 3, 3, b"warm-up")]);
     let warm = log_rows(&cluster)[0].id;
-    let tmp = Scratch::new();
-    let file = tmp.file("order.pcapng");
-    let mut cap = tools::spawn(
-        &cluster,
-        DB,
-        "auditor",
-        &[
-            "capture",
-            "--follow",
-            "--format",
-            "pcapng",
-            "-w",
-            file.to_str().unwrap(),
-        ],
-        &tmp.file("cap.err"),
-    );
-    util::wait_for(Duration::from_secs(10), Duration::from_millis(50), || {
-        std::fs::metadata(&file).ok().filter(|m| m.len() > 0)
-    })
-    .expect("the capture starts");
+    let tmp = TmpDir::new("tools");
+    let (file, mut cap) = follow(&cluster, &tmp, "order.pcapng", &[]);
 
     // alice -> bob: takes its id, then waits for the standby
     let conninfo = cluster.conninfo("alice", DB);
@@ -744,7 +689,7 @@ fn follow_pipes_into_tshark() {
 fn capture_shows_progress_only_on_a_terminal() {
     let cluster = lab();
     traffic(&cluster);
-    let tmp = Scratch::new();
+    let tmp = TmpDir::new("tools");
     let file = tmp.file("tty.pcap");
     let argv: Vec<String> = [
         tools::tool_path().to_str().unwrap(),
@@ -1077,7 +1022,7 @@ fn a_peer_role_may_not_capture_or_show() {
     let cluster = lab();
     traffic(&cluster);
     cluster.create_login_role("nobody");
-    let tmp = Scratch::new();
+    let tmp = TmpDir::new("tools");
     for role in ["alice", "nobody"] {
         let file = tmp.file(&format!("{role}.pcap"));
         let out = tools::run(
@@ -1240,7 +1185,7 @@ fn shim_metrics_count_real_traffic() {
     assert_eq!(cols[11], "no_route=2", "{dump}");
 
     // and the capture of the pair holds the pings, as tshark sees them
-    let tmp = Scratch::new();
+    let tmp = TmpDir::new("tools");
     let file = tmp.file("pair.pcap");
     tools::run_ok(
         &cluster,

@@ -9,6 +9,7 @@
 //! reached through its unix socket. Addresses are from 198.18.0.0/15 and a ULA.
 
 use pgvpn_tests::sql::{create_auditor, create_peer, scalar_i64};
+use pgvpn_tests::util::TmpDir;
 use pgvpn_tests::{db_error, util, Bg, Cluster, Netns, Shim, ShimSpec};
 use postgres::Client;
 use std::path::PathBuf;
@@ -38,30 +39,6 @@ struct Vpn {
     alice_id: i32,
     bob_id: i32,
     cluster: Cluster,
-}
-
-/// A scratch dir for process output, removed on drop.
-struct TmpDir(PathBuf);
-impl TmpDir {
-    fn new() -> TmpDir {
-        let p = std::env::temp_dir().join(format!(
-            "pgvpn-tunnel-{}-{}",
-            std::process::id(),
-            util::next_id()
-        ));
-        std::fs::create_dir_all(&p).unwrap();
-        TmpDir(p)
-    }
-    fn file(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-impl Drop for TmpDir {
-    fn drop(&mut self) {
-        if std::env::var_os("PGVPN_KEEP_LOGS").is_none() {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
 }
 
 fn require_env() {
@@ -109,7 +86,7 @@ impl Vpn {
             ns_b: Netns::new("bob"),
             spec_a,
             spec_b,
-            tmp: TmpDir::new(),
+            tmp: TmpDir::new("tunnel"),
             alice_id,
             bob_id,
             cluster,
