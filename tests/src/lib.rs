@@ -19,6 +19,7 @@
 //! `openssl` and `tcpdump` (tests/tls_network.rs).
 
 pub mod cluster;
+pub mod cpu;
 pub mod dbstate;
 pub mod fill;
 pub mod netns;

@@ -15,7 +15,7 @@ use pgvpn_tests::spec::{expect_sqlstate, setup, tag_of, tags, udp_tagged, A4, B4
 use pgvpn_tests::sql::{
     ack, add_peer, create_auditor, create_peer, recv, remove_peer, scalar_i64, send,
 };
-use pgvpn_tests::{db_error, sqlstate, Cluster};
+use pgvpn_tests::{cpu, db_error, sqlstate, Cluster};
 use postgres::Client;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -427,37 +427,50 @@ fn losing_pgvpn_peer_takes_effect_on_an_open_session() {
 }
 
 /// Another role idles in REPEATABLE READ for 60 s, pinning every dead row version.
-/// Nothing on the send path updates a row in place, so alice keeps her pace.
+/// Nothing on the send path updates a row in place, so alice's sends cost her backend as
+/// much CPU as before. (CPU per send, not sends per second: with tests running side by
+/// side the rate measures the neighbours. The rates are printed for docs/security.md.)
 #[test]
 fn a_snapshot_held_for_a_minute_does_not_slow_senders() {
     let cluster = vpn();
     cluster.create_login_role("mallory"); // not even a peer
     let mut alice = cluster.connect("alice", DB);
-    let rate = |alice: &mut Client, secs: u64| {
+    let backend: i32 = alice
+        .query_one("SELECT pg_backend_pid()", &[])
+        .unwrap()
+        .get(0);
+    // (sends per second, backend CPU µs per send) over `secs` of back-to-back sends.
+    let measure = |alice: &mut Client, secs: u64| {
+        let cpu0 = cpu::process_seconds(backend as u32);
         let end = Instant::now() + Duration::from_secs(secs);
         let mut n = 0u64;
         while Instant::now() < end {
             send(alice, &[udp_tagged(A4, B4, "r")]);
             n += 1;
         }
-        n as f64 / secs as f64
+        let cpu = cpu::process_seconds(backend as u32) - cpu0;
+        (n as f64 / secs as f64, cpu * 1e6 / n as f64)
     };
-    let without = rate(&mut alice, 5);
+    let (rate_without, without) = measure(&mut alice, 10);
     let mut mallory = cluster.connect("mallory", DB);
-    let tx = mallory
+    let mut tx = mallory
         .build_transaction()
         .isolation_level(postgres::IsolationLevel::RepeatableRead)
         .start()
         .unwrap();
-    let mut tx = tx;
     tx.query_one("SELECT 1", &[]).unwrap();
-    rate(&mut alice, 50);
-    let with = rate(&mut alice, 10);
+    measure(&mut alice, 40);
+    let (rate_with, with) = measure(&mut alice, 10);
     drop(tx);
-    eprintln!("alice's sends/s: {without:.0} without the snapshot, {with:.0} after 50 s with it");
+    eprintln!(
+        "alice's send: {rate_without:.0}/s, {without:.0} µs CPU each without the snapshot; \
+         {rate_with:.0}/s, {with:.0} µs CPU each after 50 s with it"
+    );
+    // 1.5: neighbours' load moves CPU per send by 10-15% here (caches, clock); updating a
+    // row per send under the pinned snapshot would cost many times as much.
     assert!(
-        with >= 0.8 * without,
-        "a held snapshot slowed alice from {without:.0}/s to {with:.0}/s"
+        with <= 1.5 * without,
+        "a held snapshot made alice's send cost {with:.0} µs of CPU instead of {without:.0}"
     );
 }
 

@@ -26,7 +26,7 @@ pub mod auditlog;
 pub mod auditmix;
 pub mod auditq;
 pub mod ceiling;
-pub mod cpu;
+pub use pgvpn_tests::cpu;
 pub mod flowcase;
 pub mod logcheck;
 pub mod measure;

@@ -9,8 +9,9 @@
 //! socket only.
 
 use pgvpn_tests::sql::{add_peer, create_auditor};
-use pgvpn_tests::{Cluster, Netns, Shim, ShimSpec};
-use std::process::Command;
+use pgvpn_tests::util::{self, TmpDir};
+use pgvpn_tests::{tools, Cluster, Netns, Shim, ShimSpec};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
@@ -45,6 +46,90 @@ fn show_cmd(ns: &Netns, host: &str, argv: &[&str]) -> bool {
         println!("      {line}");
     }
     out.status.success()
+}
+
+/// `pgvpn ARGS` as the auditor, printed as a shell line and its output.
+fn show_tool(cluster: &Cluster, args: &[&str]) {
+    println!("\n    \x1b[2mauditor$\x1b[0m pgvpn {}", args.join(" "));
+    let out = tools::run(cluster, DB, "auditor", args);
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        println!("      {line}");
+    }
+    for line in String::from_utf8_lossy(&out.stderr).lines() {
+        println!("      {line}");
+    }
+}
+
+/// The `pgvpn` tool: `show` like `wg show`, a capture opened in tshark, a live follow.
+fn investigate(cluster: &Cluster, ns_a: &Netns) {
+    step("Investigating traffic with the pgvpn tool (as the auditor)");
+    show_tool(cluster, &["show"]);
+    // In a scratch directory, so that the lines printed are the commands as run.
+    let tmp = TmpDir::new("demo");
+    let dir = tmp.file("");
+    let capture = [
+        "capture",
+        "--host",
+        "198.18.0.1",
+        "--since",
+        "1h",
+        "-w",
+        "alice.pcap",
+    ];
+    println!("\n    \x1b[2mauditor$\x1b[0m pgvpn {}", capture.join(" "));
+    let out = util::output(tools::command(cluster, DB, "auditor", &capture).current_dir(&dir));
+    print!("{}", String::from_utf8_lossy(&out.stderr));
+    let filter = "ip.addr == 198.18.0.2 && icmp";
+    println!("\n    \x1b[2mauditor$\x1b[0m tshark -r alice.pcap -Y '{filter}' | head -8");
+    // HOME: tshark wants a writable profile directory; keep it out of root's.
+    let out = util::output(
+        Command::new("tshark")
+            .args(["-r", "alice.pcap", "-Y", filter])
+            .current_dir(&dir)
+            .env("HOME", &dir),
+    );
+    for line in String::from_utf8_lossy(&out.stdout).lines().take(8) {
+        println!("      {line}");
+    }
+
+    say("\nFollowing the live VPN: a capture on stdout, read by tshark as it grows.");
+    println!(
+        "\n    \x1b[2mauditor$\x1b[0m pgvpn capture --follow --since now | tshark -l -r - -c 6"
+    );
+    let mut cap = tools::command(
+        cluster,
+        DB,
+        "auditor",
+        &["capture", "--follow", "--since", "now"],
+    );
+    let mut cap = cap
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn pgvpn capture");
+    let mut tshark = Command::new("tshark")
+        .args(["-l", "-r", "-", "-c", "6"])
+        .env("HOME", &dir)
+        .stdin(cap.stdout.take().unwrap())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn tshark");
+    std::thread::sleep(Duration::from_millis(500));
+    ns_a.exec(&["ping", "-c", "3", "-i", "0.3", "198.18.0.2"]);
+    let waited = util::wait_for(Duration::from_secs(10), Duration::from_millis(100), || {
+        tshark.try_wait().ok().flatten()
+    });
+    // SIGINT ends a capture cleanly (exit 0), as Ctrl-C would.
+    util::signal(cap.id(), "INT");
+    let _ = cap.wait();
+    let out = tshark.wait_with_output().expect("tshark's output");
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        println!("      {line}");
+    }
+    if waited.is_none() {
+        println!("      (fewer than 6 packets arrived within 10 s)");
+    }
 }
 
 /// Run a query through psql (as the auditor) and print its table.
@@ -272,6 +357,11 @@ fn tour() {
         "rejects per reason",
         "SELECT * FROM pgvpn.reject_totals ORDER BY peer, reason",
     );
+
+    investigate(&cluster, &ns_a);
+    if interrupted() {
+        return;
+    }
 
     step("Tearing everything down");
     for (name, shim) in [("alice", &mut shim_a), ("bob", &mut shim_b)] {
