@@ -82,6 +82,17 @@ DECLARE
     highest bigint;
     cur int;
 BEGIN
+    -- Almost always there is nothing to do: find that out without the lock, which
+    -- conflicts with itself and is held to the end of the caller's transaction, so that
+    -- first sends neither queue behind each other nor wait for a running prune().
+    -- Anything missing is checked again under the lock.
+    SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END INTO last FROM pgvpn.packet_id;
+    cur := pgvpn._chunk_of(greatest(last, 1));
+    IF (SELECT count(*) FROM pgvpn.chunks WHERE chunk IN (cur, cur + 1)) = 2
+       AND NOT EXISTS (SELECT FROM pgvpn.cursors WHERE acked_id > last)
+       AND coalesce((SELECT max(id) FROM pgvpn.packets), 0) <= last THEN
+        RETURN;
+    END IF;
     LOCK TABLE pgvpn.chunks IN SHARE ROW EXCLUSIVE MODE;  -- one at a time, with prune()
     SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END INTO last FROM pgvpn.packet_id;
     -- Past every cursor and every logged packet (a restore brings both back; one index
@@ -116,7 +127,8 @@ DECLARE
     dropped int := 0;
     saved_timeout text := current_setting('lock_timeout');
 BEGIN
-    PERFORM _ensure_chunks();   -- also takes the chunks lock: one prune at a time
+    LOCK TABLE chunks IN SHARE ROW EXCLUSIVE MODE;  -- one prune at a time
+    PERFORM _ensure_chunks();
     PERFORM set_config('lock_timeout', lock_wait_ms || 'ms', true);
     cur := _chunk_of((SELECT last_value FROM packet_id));
     -- Ready means committed: created by an earlier transaction, not by this one.

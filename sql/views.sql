@@ -39,12 +39,20 @@ COMMENT ON VIEW flows IS 'pgvpn: packets and bytes per 5-tuple, first and last s
 -- per stream and second, by host, port or 5-tuple, newest first), then their packets by
 -- id range. The newest n packets lie within the newest n matching flow rows, each of
 -- which holds at least one of them.
+--
+-- The functions pin that plan: a nested loop into each chunk's id btree. On a big log the
+-- planner otherwise joins the flow rows to the packets with a hash join over a scan of
+-- every chunk (its estimate for an id range with unknown bounds is a third of the
+-- chunk): 1.4-1.8 s instead of milliseconds on 2M packets (docs/performance.md). The
+-- same estimate puts the pinned plan past jit_above_cost, and JIT then compiles for
+-- half a second to run a 15 ms query: no JIT either.
 
 -- Every packet between two hosts, both directions, in a time range.
 CREATE FUNCTION packets_between(a inet, b inet, since timestamptz DEFAULT now() - interval '1 hour',
                                 until timestamptz DEFAULT 'infinity')
 RETURNS SETOF packet_log
-LANGUAGE sql STABLE SET search_path = pg_catalog, pgvpn, pg_temp AS $$
+LANGUAGE sql STABLE SET search_path = pg_catalog, pgvpn, pg_temp
+    SET enable_hashjoin = off SET enable_mergejoin = off SET jit = off AS $$
     SELECT l.* FROM (
         SELECT f.first_id, f.last_id, f.src_addr, f.dst_addr, f.protocol, f.src_port, f.dst_port FROM flow_log f
          WHERE f.src_addr = a AND f.dst_addr = b AND f.at >= since AND f.at < until
@@ -63,7 +71,8 @@ $$;
 -- The newest n packets from or to a host.
 CREATE FUNCTION host_packets(host inet, n int DEFAULT 100)
 RETURNS SETOF packet_log
-LANGUAGE sql STABLE SET search_path = pg_catalog, pgvpn, pg_temp AS $$
+LANGUAGE sql STABLE SET search_path = pg_catalog, pgvpn, pg_temp
+    SET enable_hashjoin = off SET enable_mergejoin = off SET jit = off AS $$
     SELECT l.* FROM (
         (SELECT f.first_id, f.last_id, f.src_addr, f.dst_addr, f.protocol, f.src_port, f.dst_port FROM flow_log f
           WHERE f.src_addr = host ORDER BY f.last_id DESC LIMIT n)
@@ -82,7 +91,8 @@ $$;
 -- The newest n packets to a destination port (TCP or UDP).
 CREATE FUNCTION port_packets(port int, n int DEFAULT 100)
 RETURNS SETOF packet_log
-LANGUAGE sql STABLE SET search_path = pg_catalog, pgvpn, pg_temp AS $$
+LANGUAGE sql STABLE SET search_path = pg_catalog, pgvpn, pg_temp
+    SET enable_hashjoin = off SET enable_mergejoin = off SET jit = off AS $$
     SELECT l.* FROM (
         SELECT f.first_id, f.last_id, f.src_addr, f.dst_addr, f.protocol, f.src_port FROM flow_log f
          WHERE f.dst_port = port ORDER BY f.last_id DESC LIMIT n) f
@@ -99,7 +109,8 @@ $$;
 CREATE FUNCTION flow_packets(src inet, src_port int, dst inet, dst_port int, protocol int,
                              n int DEFAULT 10)
 RETURNS SETOF packet_log
-LANGUAGE sql STABLE SET search_path = pg_catalog, pgvpn, pg_temp AS $$
+LANGUAGE sql STABLE SET search_path = pg_catalog, pgvpn, pg_temp
+    SET enable_hashjoin = off SET enable_mergejoin = off SET jit = off AS $$
     SELECT l.* FROM (
         SELECT f.first_id, f.last_id FROM flow_log f
          WHERE f.src_addr = src AND f.dst_addr = dst AND f.src_port = flow_packets.src_port

@@ -9,13 +9,17 @@
 //!   relative to its binaries, so the copy's `bin/` is a complete installation; point
 //!   the harness at it with `PGVPN_PG_BINDIR`. Any pgvpn files copied from the system
 //!   are removed: only what the test installs is there.
-//! * [`Builder`]: `cargo pgrx install --release` into a build copy of PostgreSQL kept
-//!   with its cargo target directory and its own `PGRX_HOME` under
-//!   `<target>/pgvpn-upgrade/`, so that every run after the first only rebuilds what
-//!   changed. The resulting files are copied out and installed into a [`PrivatePg`]. A
-//!   tagged version's files are cached there by commit id (built once per box). A lock
-//!   file serialises concurrent runs. Debuginfo and LTO are off for these builds: only
-//!   the SQL and the behaviour are under test, not the speed.
+//! * [`installed`]: the current version's files as `make install` put them into the
+//!   system's PostgreSQL (`make test-e2e` installs first). Taking them from there
+//!   instead of building the tree a second time keeps the upgrade test cheap on a clean
+//!   clone (a release build of the extension is minutes on CI).
+//! * [`Builder`]: `cargo pgrx install` of a tagged commit into a build copy of
+//!   PostgreSQL kept with its cargo target directory and its own `PGRX_HOME` under
+//!   `<target>/pgvpn-upgrade/`. The resulting files are copied out, cached there by
+//!   commit id (built once per target directory), and installed into a [`PrivatePg`].
+//!   A lock file serialises concurrent runs. It is a dev build without debuginfo:
+//!   only the old version's SQL and behaviour matter here, not its speed, and an
+//!   unoptimised build takes about half as long on a cold cache.
 
 use crate::util::{describe, run_ok, tail, workspace_dir};
 use std::fs::{self, File};
@@ -95,16 +99,6 @@ impl PrivatePg {
         }
     }
 
-    /// Adds one more file to the extension directory (e.g. a draft upgrade script).
-    pub fn add_extension_file(&self, file: &Path) {
-        let to = self
-            .root
-            .join(SHARE)
-            .join("extension")
-            .join(file.file_name().expect("a file name"));
-        fs::copy(file, &to).unwrap_or_else(|e| panic!("copy {}: {e}", file.display()));
-    }
-
     /// The extension's default version as the installed control file says.
     pub fn default_version(&self) -> String {
         control_default_version(&self.root.join(SHARE).join("extension/pgvpn.control"))
@@ -164,13 +158,96 @@ impl ExtFiles {
     }
 }
 
-/// The cargo target directory this test binary was built in (`<target>/<profile>/deps/x`).
+/// `pg_config` of the installation the other tests use: the system's PostgreSQL 15,
+/// where `make install` puts the current version, unless `PGVPN_PG_BINDIR` names another.
+fn pg_config(what: &str) -> PathBuf {
+    PathBuf::from(
+        run_ok(Command::new(crate::cluster::pg_bindir().join("pg_config")).arg(what))
+            .trim()
+            .to_string(),
+    )
+}
+
+/// The current version's files from the installation the tests use ([`pg_config`]: the
+/// system's PostgreSQL unless `PGVPN_PG_BINDIR` says otherwise), copied to `out` (replaced):
+/// the library, the control file, the default version's install script and the upgrade
+/// scripts that lead to it. Other scripts there (an older version's install script left
+/// by an earlier `make install`) are not taken: the old version comes from its own build.
+///
+/// `draft` replaces (or adds) the upgrade script of its name: a draft tried before it is
+/// installed. Panics if the extension is not installed, or if another upgrade script in
+/// the tree's `sql/` differs from the installed one (the install is older than the tree:
+/// run `make install`), so that a stale install cannot pass for the tree.
+pub fn installed(out: &Path, draft: Option<&Path>) -> ExtFiles {
+    let lib = pg_config("--pkglibdir").join("pgvpn.so");
+    let ext = pg_config("--sharedir").join("extension");
+    let control = ext.join("pgvpn.control");
+    assert!(
+        lib.exists() && control.exists(),
+        "pgvpn is not installed into the system's PostgreSQL ({} / {}): `make install` first \
+         (make test-e2e does)",
+        lib.display(),
+        control.display()
+    );
+    let version = control_default_version(&control);
+    let _ = fs::remove_dir_all(out);
+    fs::create_dir_all(out.join("lib")).expect("create ext dir");
+    fs::create_dir_all(out.join("extension")).expect("create ext dir");
+    fs::copy(&lib, out.join("lib/pgvpn.so")).expect("copy the installed pgvpn.so");
+    let install_script = format!("pgvpn--{version}.sql");
+    let upgrade_suffix = format!("--{version}.sql");
+    for e in fs::read_dir(&ext).expect("read extension dir").flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let upgrade = name.starts_with("pgvpn--")
+            && name.ends_with(&upgrade_suffix)
+            && name.matches("--").count() == 2;
+        if name == "pgvpn.control" || name == install_script || upgrade {
+            fs::copy(e.path(), out.join("extension").join(&name)).expect("copy installed file");
+        }
+    }
+    let draft_name = draft.map(|d| {
+        let name = d.file_name().expect("a file name");
+        fs::copy(d, out.join("extension").join(name))
+            .unwrap_or_else(|e| panic!("copy {}: {e}", d.display()));
+        name.to_string_lossy().into_owned()
+    });
+    assert!(
+        out.join("extension").join(&install_script).exists(),
+        "the system's PostgreSQL has pgvpn.control for {version} but no {install_script}"
+    );
+    for e in fs::read_dir(workspace_dir().join("sql"))
+        .expect("read sql/")
+        .flatten()
+    {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !(name.starts_with("pgvpn--") && name.matches("--").count() == 2)
+            || draft_name.as_deref() == Some(name.as_str())
+        {
+            continue;
+        }
+        let tree = fs::read(e.path()).expect("read upgrade script");
+        let inst = fs::read(ext.join(&name)).ok();
+        assert!(
+            inst.as_deref() == Some(&tree[..]),
+            "{name} in the tree's sql/ is not the one installed in {} (missing or older): \
+             `make install` first",
+            ext.display()
+        );
+    }
+    ExtFiles {
+        dir: out.to_path_buf(),
+    }
+}
+
+/// The cargo target directory this program was built in: the nearest ancestor of the
+/// executable that cargo marked with `CACHEDIR.TAG` (`<target>/release/bench` and
+/// `<target>/release/deps/upgrade-…` alike), else `$CARGO_TARGET_DIR` or the default.
 fn target_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
     exe.ancestors()
-        .nth(3)
+        .find(|d| d.join("CACHEDIR.TAG").is_file())
         .map(Path::to_path_buf)
-        .unwrap_or_else(|| workspace_dir().join("target"))
+        .unwrap_or_else(crate::util::target_dir)
 }
 
 /// Builds of pgvpn_ext into a private copy of PostgreSQL; holds the cache's lock.
@@ -240,9 +317,8 @@ impl Builder {
         c.current_dir(cwd)
             .env("PGRX_HOME", pgrx_home)
             .env("CARGO_TARGET_DIR", self.cache.join("cargo"))
-            .env("CARGO_PROFILE_RELEASE_LTO", "false")
-            .env("CARGO_PROFILE_RELEASE_DEBUG", "0")
-            .env("CARGO_PROFILE_RELEASE_CODEGEN_UNITS", "16")
+            .env("CARGO_PROFILE_DEV_DEBUG", "0")
+            .env("CARGO_PROFILE_DEV_INCREMENTAL", "false")
             .env_remove("CARGO_MAKEFLAGS")
             .env_remove("CARGO_PRIMARY_PACKAGE")
             .env_remove("CARGO_MANIFEST_DIR");
@@ -272,16 +348,15 @@ impl Builder {
         );
     }
 
-    /// `cargo pgrx install --release` of the pgvpn_ext in workspace `src` into the build
-    /// copy, then its files copied to `out`.
+    /// `cargo pgrx install` (dev profile) of the pgvpn_ext in workspace `src` into the build
+    /// copy, then its files copied to `out` (only a tagged version is built here).
     fn install_tree(&self, src: &Path, out: &Path, name: &str) -> ExtFiles {
         let root = self.build_prefix();
         let pg_config = root.join(LIB).join("bin/pg_config");
         let home = self.pgrx_home(&pg_config);
         remove_pgvpn(&root);
         let mut c = self.cargo(&home, &src.join("pgvpn_ext"));
-        c.args(["pgrx", "install", "--release", "--pg-config"])
-            .arg(&pg_config);
+        c.args(["pgrx", "install", "--pg-config"]).arg(&pg_config);
         self.run_logged(c, &format!("build-{name}"));
         let _ = fs::remove_dir_all(out);
         fs::create_dir_all(out.join("lib")).unwrap();
@@ -302,11 +377,6 @@ impl Builder {
         ExtFiles {
             dir: out.to_path_buf(),
         }
-    }
-
-    /// The current tree's extension.
-    pub fn current(&self) -> ExtFiles {
-        self.install_tree(&workspace_dir(), &self.cache.join("ext-current"), "current")
     }
 
     /// The extension as of `tag` (or, where the tag is not in this clone, the commit

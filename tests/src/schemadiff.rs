@@ -6,7 +6,14 @@
 //!
 //! The dump is cut into its entries (`-- Name: …; Type: …` headers) and normalised:
 //! comments, blank lines, object ids and relfilenodes (`binary_upgrade_set_next_*`),
-//! `\restrict` keys and the sequences' positions (data) are dropped. The chunks of the
+//! `\restrict` keys, the sequences' positions (data), the tables' freeze horizons
+//! (`relfrozenxid`/`relminmxid`, which depend on the transactions a database has seen)
+//! and a column's "missing value" when it is the column's default (what `ADD COLUMN …
+//! DEFAULT` leaves for the rows that were there: those rows read the default, as new
+//! rows get it) are dropped, and the columns of a `CREATE TABLE` are compared as a set:
+//! `ALTER TABLE … ADD COLUMN` appends, so an upgraded table may list in another order
+//! the same columns a fresh install creates (names, types, defaults and constraints
+//! still have to match; nothing in pgvpn depends on the order, its SQL names columns). The chunks of the
 //! log differ by number between two databases, so the entries of one chunk (its tables,
 //! indexes, grants, partition bounds) are grouped and their chunk number written as
 //! `K`: two chunks in the same state (host-pair index built or not) must then read the
@@ -76,6 +83,74 @@ fn normalise_line(l: &str) -> String {
     l.to_string()
 }
 
+/// The binary-upgrade statement that sets a relation's freeze horizons, as pg_dump
+/// prints it on three lines: `UPDATE pg_catalog.pg_class` / `SET relfrozenxid = …,
+/// relminmxid = …` / `WHERE oid = …;`. Returns how many lines it takes at `i`.
+fn freeze_xids_at(lines: &[&str], i: usize) -> Option<usize> {
+    let l = |k: usize| lines.get(i + k).map(|s| s.trim());
+    (l(0)? == "UPDATE pg_catalog.pg_class"
+        && l(1)?.starts_with("SET relfrozenxid = ")
+        && l(1)?.contains(", relminmxid = ")
+        && l(2)?.starts_with("WHERE oid = ")
+        && l(2)?.ends_with(';'))
+    .then_some(3)
+}
+
+/// `CREATE TABLE name (` … `)…`: the column (and inline constraint) lines sorted, each
+/// without its separating comma, so that the column order does not matter.
+fn sort_table_columns(body: &mut [String]) {
+    let mut i = 0;
+    while i < body.len() {
+        if body[i].starts_with("CREATE TABLE ") && body[i].ends_with(" (") {
+            let start = i + 1;
+            let end = (start..body.len()).find(|&j| body[j].starts_with(')'));
+            if let Some(end) = end {
+                let mut cols: Vec<String> = body[start..end]
+                    .iter()
+                    .map(|c| c.trim_end_matches(',').to_string())
+                    .collect();
+                cols.sort();
+                let n = cols.len();
+                for (k, c) in cols.into_iter().enumerate() {
+                    body[start + k] = if k + 1 < n { format!("{c},") } else { c };
+                }
+                i = end;
+            }
+        }
+        i += 1;
+    }
+}
+
+/// `binary_upgrade_set_missing_value('<table>'::pg_catalog.regclass,'<column>','{<v>}')`
+/// where the entry's `CREATE TABLE` gives that column `DEFAULT <v>`: the rows added
+/// before the column read its default, which is the schema anyway. Any other missing
+/// value stays (and is a difference).
+fn drop_default_missing_values(body: &mut Vec<String>) {
+    const CALL: &str = "SELECT pg_catalog.binary_upgrade_set_missing_value(";
+    let default_of = |body: &[String], col: &str| -> Option<String> {
+        body.iter().find_map(|l| {
+            let rest = l.trim().strip_prefix(col)?.strip_prefix(' ')?;
+            let d = rest.split_once(" DEFAULT ")?.1;
+            let d = d.split(" NOT NULL").next()?.trim_end_matches(',');
+            Some(d.to_string())
+        })
+    };
+    let redundant = |l: &String| -> bool {
+        let Some(args) = l.strip_prefix(CALL).and_then(|a| a.strip_suffix(");")) else {
+            return false;
+        };
+        let parts: Vec<&str> = args.split(',').collect();
+        let [_, col, value] = parts[..] else {
+            return false;
+        };
+        let (col, value) = (col.trim_matches('\''), value.trim_matches('\''));
+        default_of(body, col).is_some_and(|d| format!("{{{d}}}") == value)
+    };
+    let keep: Vec<bool> = body.iter().map(|l| !redundant(l)).collect();
+    let mut k = keep.iter();
+    body.retain(|_| *k.next().unwrap());
+}
+
 /// Cuts a `pg_dump --schema-only [--binary-upgrade]` text into normalised entries.
 pub fn parse(dump: &str) -> Schema {
     let lines: Vec<&str> = dump.lines().collect();
@@ -85,12 +160,19 @@ pub fn parse(dump: &str) -> Schema {
         let l = lines[i];
         if let Some(h) = l.strip_prefix("-- Name: ") {
             raw.push((format!("Name: {h}"), Vec::new()));
+        } else if let Some(n) = freeze_xids_at(&lines, i) {
+            i += n;
+            continue;
         } else if let Some((_, body)) = raw.last_mut() {
             if keep_line(l) {
                 body.push(normalise_line(l));
             }
         }
         i += 1;
+    }
+    for (_, body) in &mut raw {
+        drop_default_missing_values(body);
+        sort_table_columns(body);
     }
     let mut out = Schema::default();
     for (header, body) in raw {
@@ -163,6 +245,89 @@ mod tests {
             None
         );
         assert_eq!(chunk_number("Name: x_1234567; Type: TABLE"), None);
+    }
+
+    /// A table as pg_dump --binary-upgrade prints it, with its columns in `cols` order
+    /// and the given freeze horizon.
+    fn table_dump(cols: &[&str], frozen: u32) -> String {
+        format!(
+            "--\n-- Name: chunks; Type: TABLE; Schema: pgvpn; Owner: postgres\n--\n\n\
+             CREATE TABLE pgvpn.chunks (\n{}\n);\n\n\
+             -- For binary upgrade, set heap's relfrozenxid and relminmxid\n\
+             UPDATE pg_catalog.pg_class\n\
+             SET relfrozenxid = '{frozen}', relminmxid = '1'\n\
+             WHERE oid = 'pgvpn.chunks'::pg_catalog.regclass;\n",
+            cols.iter()
+                .map(|c| format!("    {c}"))
+                .collect::<Vec<_>>()
+                .join(",\n")
+        )
+    }
+
+    #[test]
+    fn column_order_and_freeze_xids_are_noise() {
+        let fresh = parse(&table_dump(
+            &[
+                "chunk integer NOT NULL",
+                "flow_relid regclass NOT NULL",
+                "relid regclass NOT NULL",
+            ],
+            735,
+        ));
+        let upgraded = parse(&table_dump(
+            &[
+                "chunk integer NOT NULL",
+                "relid regclass NOT NULL",
+                "flow_relid regclass NOT NULL",
+            ],
+            1204,
+        ));
+        assert_eq!(fresh.objects, upgraded.objects);
+        assert!(!fresh.objects[0].body.contains("relfrozenxid"));
+    }
+
+    #[test]
+    fn a_different_column_is_still_a_difference() {
+        let fresh = parse(&table_dump(
+            &["chunk integer NOT NULL", "flow_relid regclass NOT NULL"],
+            735,
+        ));
+        for other in [
+            vec!["chunk integer NOT NULL", "flow_relid regclass"],
+            vec!["chunk integer NOT NULL"],
+            vec![
+                "chunk integer NOT NULL",
+                "flow_relid regclass NOT NULL",
+                "x int",
+            ],
+            vec!["chunk bigint NOT NULL", "flow_relid regclass NOT NULL"],
+        ] {
+            let upgraded = parse(&table_dump(&other, 735));
+            assert_eq!(
+                missing_from(&upgraded.objects, &fresh.objects).len(),
+                1,
+                "{other:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_missing_value_counts_only_when_it_is_not_the_default() {
+        let dump = |missing: &str| {
+            format!(
+                "-- Name: cursors; Type: TABLE; Schema: pgvpn; Owner: postgres\n\
+                 CREATE TABLE pgvpn.cursors (\n    peer integer NOT NULL,\n    \
+                 expired_packets bigint DEFAULT 0 NOT NULL\n);\n\
+                 SELECT pg_catalog.binary_upgrade_set_missing_value('pgvpn.cursors'::pg_catalog.regclass,'expired_packets','{missing}');\n"
+            )
+        };
+        let fresh = parse(
+            "-- Name: cursors; Type: TABLE; Schema: pgvpn; Owner: postgres\n\
+             CREATE TABLE pgvpn.cursors (\n    peer integer NOT NULL,\n    \
+             expired_packets bigint DEFAULT 0 NOT NULL\n);\n",
+        );
+        assert_eq!(parse(&dump("{0}")).objects, fresh.objects);
+        assert_ne!(parse(&dump("{7}")).objects, fresh.objects);
     }
 
     #[test]

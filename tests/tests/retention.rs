@@ -108,6 +108,42 @@ fn prune_drops_old_chunks_and_sending_continues() {
     assert_eq!(scalar_i64(&mut su, "SELECT count(*) FROM pgvpn.packets"), 5);
 }
 
+/// prune() holds the chunks lock for its whole run (it may wait up to
+/// pgvpn.prune_lock_timeout for each chunk it drops). A session's first send checks that
+/// its chunks exist, and must not wait for that lock when they do: with a 1 s
+/// lock_timeout it fails at once if it queues. A second prune still waits.
+#[test]
+fn a_running_prune_does_not_hold_up_a_new_sessions_first_send() {
+    let cluster = setup(&[("a", &[A4]), ("b", &[B4])]);
+    let mut b = cluster.connect("b", DB);
+    assert_eq!(send(&mut b, &[udp_tagged(B4, A4, "creates the chunks")]), 1);
+
+    let mut pruning = cluster.superuser(DB);
+    let mut prune = pruning.transaction().unwrap();
+    prune
+        .batch_execute("LOCK TABLE pgvpn.chunks IN SHARE ROW EXCLUSIVE MODE")
+        .unwrap();
+
+    let mut a = cluster.connect("a", DB);
+    a.batch_execute("SET lock_timeout = '1s'").unwrap();
+    let sent = a.query_one(pgvpn_core::sql::SEND, &[&vec![udp_tagged(A4, B4, "first")]]);
+    let sent: i64 = sent
+        .unwrap_or_else(|e| panic!("a's first send waited for prune's lock: {}", db_error(&e)))
+        .get(0);
+    assert_eq!(sent, 1);
+    assert_eq!(tags(&recv(&mut b, 0, 10)), vec!["first"]);
+
+    let mut su = cluster.superuser(DB);
+    su.batch_execute("SET lock_timeout = '200ms'").unwrap();
+    pgvpn_tests::spec::expect_sqlstate(
+        su.query_one("SELECT pgvpn.prune()", &[]),
+        "55P03",
+        "a second prune while one runs",
+    );
+    prune.rollback().unwrap();
+    su.query_one("SELECT pgvpn.prune()", &[]).unwrap();
+}
+
 /// The open chunk has no per-row host-pair index (it halves small-packet throughput);
 /// prune() builds one per closed chunk, so audits by host pair stay indexed.
 #[test]
