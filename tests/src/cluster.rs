@@ -15,7 +15,7 @@
 //! * Drop stops the server (`pg_ctl stop -m immediate`) and removes the directory; if the
 //!   thread is panicking, the tail of the server log is printed first.
 
-use crate::util::{self, next_id, output, run_ok, tail, wait_for};
+use crate::util::{self, children_of, next_id, output, run_ok, running, tail, wait_for};
 use pgvpn_core::sql::quote_ident;
 use pgvpn_shim::conn;
 use pgvpn_shim::error::DbError;
@@ -424,33 +424,6 @@ impl Cluster {
             (!self.data_dir().join("postmaster.pid").exists()).then_some(())
         });
     }
-}
-
-/// `/proc/PID/stat`: (state, parent PID).
-fn proc_stat(pid: u32) -> Option<(char, u32)> {
-    let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // "pid (comm) state ppid ...": comm may hold spaces and parentheses.
-    let rest = &text[text.rfind(')')? + 1..];
-    let mut f = rest.split_whitespace();
-    let state = f.next()?.chars().next()?;
-    let ppid = f.next()?.parse().ok()?;
-    Some((state, ppid))
-}
-
-/// Running, not a zombie waiting for a parent that is gone.
-fn running(pid: u32) -> bool {
-    proc_stat(pid).is_some_and(|(state, _)| state != 'Z' && state != 'X')
-}
-
-fn children_of(parent: u32) -> Vec<u32> {
-    let Ok(entries) = fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| proc_stat(*pid).is_some_and(|(_, ppid)| ppid == parent))
-        .collect()
 }
 
 /// For replication and failover tests (see `crate::replication`): the postmaster as a

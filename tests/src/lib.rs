@@ -18,6 +18,7 @@
 //! Tools used: `ip` (iproute2), `runuser`, `ping` (iputils-ping), `psql`, `iperf3` (demo),
 //! `openssl` and `tcpdump` (tests/tls_network.rs).
 
+pub mod autoctl;
 pub mod cluster;
 pub mod cpu;
 pub mod dbstate;

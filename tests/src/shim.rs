@@ -14,9 +14,7 @@ pub fn shim_path() -> PathBuf {
     if let Some(p) = std::env::var_os("PGVPN_SHIM") {
         return PathBuf::from(p);
     }
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| util::workspace_dir().join("target"));
+    let target = util::target_dir();
     target.join("release/pgvpn-shim")
 }
 
@@ -108,6 +106,34 @@ impl Shim {
     /// there within 30 s or exits.
     pub fn start(ns: &Netns, cluster: &Cluster, spec: &ShimSpec) -> Shim {
         let before = backends_of(cluster, &spec.role);
+        Shim::start_until(ns, spec, |shim| {
+            let now = backends_of(cluster, &spec.role);
+            let new: Vec<i32> = now.difference(&before).copied().collect();
+            // The shim opens two sessions (uplink and downlink) and logs "ready:" once
+            // both are open and its threads run.
+            (!new.is_empty() && (shim.logged_ready() || new.len() >= 2)).then_some(new)
+        })
+    }
+
+    /// Like [`Shim::start`], for a database the harness did not start (e.g.
+    /// pg_auto_failover's nodes, see `crate::autoctl`): ready once its device is up with
+    /// the address and it logged "ready:" (both sessions open). `backend_pids` stays
+    /// empty.
+    pub fn start_logged_ready(ns: &Netns, spec: &ShimSpec) -> Shim {
+        Shim::start_until(ns, spec, |shim| shim.logged_ready().then(Vec::new))
+    }
+
+    fn logged_ready(&self) -> bool {
+        std::fs::read_to_string(&self.log).is_ok_and(|t| t.contains(" ready: "))
+    }
+
+    /// Starts the shim and waits for its device, its address, then `sessions` (which
+    /// returns the backend PIDs once the shim's database sessions are there).
+    fn start_until(
+        ns: &Netns,
+        spec: &ShimSpec,
+        mut sessions: impl FnMut(&Shim) -> Option<Vec<i32>>,
+    ) -> Shim {
         let log = log_path(ns);
         let cmd = spec.command(ns);
         let bg = ns.spawn_command(cmd, Some(&log), Some(&log));
@@ -153,18 +179,11 @@ impl Shim {
                 stage = "address";
                 return None;
             }
-            let now = backends_of(cluster, &spec.role);
-            let new: Vec<i32> = now.difference(&before).copied().collect();
-            // The shim opens two sessions (uplink and downlink) and logs "ready:" once
-            // both are open and its threads run.
-            let ready_logged = std::fs::read_to_string(&shim.log)
-                .map(|t| t.contains(" ready: "))
-                .unwrap_or(false);
-            if new.is_empty() || !(ready_logged || new.len() >= 2) {
+            let new = sessions(&shim);
+            if new.is_none() {
                 stage = "database sessions";
-                return None;
             }
-            Some(new)
+            new
         });
         match ok {
             Some(pids) => shim.backend_pids = pids,
@@ -301,6 +320,19 @@ pub fn parse_summary(output: &str) -> Option<BTreeMap<String, i64>> {
 }
 
 impl Shim {
+    /// SIGTERM, then (exit status, the summary line it printed as it stopped, if any):
+    /// what the demos show.
+    pub fn terminate_with_summary(&mut self) -> (ExitStatus, Option<String>) {
+        let st = self.terminate();
+        let line = std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .rev()
+            .find(|l| l.starts_with("pgvpn-shim summary:"))
+            .map(str::to_string);
+        (st, line)
+    }
+
     /// Stops the shim and returns the counters it printed when it stopped.
     pub fn stop_and_summary(&mut self) -> BTreeMap<String, i64> {
         self.stop();

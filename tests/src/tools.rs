@@ -19,9 +19,7 @@ pub fn tool_path() -> PathBuf {
     if let Some(p) = std::env::var_os("PGVPN_TOOL") {
         return PathBuf::from(p);
     }
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| util::workspace_dir().join("target"));
+    let target = util::target_dir();
     target.join("release/pgvpn")
 }
 

@@ -62,6 +62,56 @@ pub fn pid_alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
 
+/// `/proc/PID/stat`: (state, parent PID).
+pub fn proc_stat(pid: u32) -> Option<(char, u32)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+    let rest = &text[text.rfind(')')? + 1..];
+    let mut f = rest.split_whitespace();
+    let state = f.next()?.chars().next()?;
+    let ppid = f.next()?.parse().ok()?;
+    Some((state, ppid))
+}
+
+/// Running, not a zombie waiting for a parent that is gone.
+pub fn running(pid: u32) -> bool {
+    proc_stat(pid).is_some_and(|(state, _)| state != 'Z' && state != 'X')
+}
+
+/// Every process with its parent, as /proc lists them now.
+fn parents() -> Vec<(u32, u32)> {
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+                .filter_map(|pid| Some((pid, proc_stat(pid)?.1)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The direct children of `parent`.
+pub fn children_of(parent: u32) -> Vec<u32> {
+    parents()
+        .into_iter()
+        .filter(|&(_, pp)| pp == parent)
+        .map(|(c, _)| c)
+        .collect()
+}
+
+/// `root` and all its descendants, root first.
+pub fn process_tree(root: u32) -> Vec<u32> {
+    let parents = parents();
+    let mut out = vec![root];
+    let mut i = 0;
+    while i < out.len() {
+        let p = out[i];
+        out.extend(parents.iter().filter(|(_, pp)| *pp == p).map(|(c, _)| *c));
+        i += 1;
+    }
+    out
+}
+
 /// Poll `f` every `every` until it returns Some or `timeout` expires.
 pub fn wait_for<T>(
     timeout: Duration,
@@ -106,6 +156,13 @@ pub fn workspace_dir() -> PathBuf {
         .parent()
         .expect("tests crate has a parent")
         .to_path_buf()
+}
+
+/// The cargo target directory: `$CARGO_TARGET_DIR`, else `<workspace>/target`.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_dir().join("target"))
 }
 
 pub use pgvpn_core::rng::Rng;

@@ -365,13 +365,9 @@ fn tour() {
 
     step("Tearing everything down");
     for (name, shim) in [("alice", &mut shim_a), ("bob", &mut shim_b)] {
-        let st = shim.terminate();
+        let (st, summary) = shim.terminate_with_summary();
         say(&format!("stopped {name}'s shim ({st})"));
-        if let Some(line) = std::fs::read_to_string(shim.log_path())
-            .unwrap_or_default()
-            .lines()
-            .find(|l| l.starts_with("pgvpn-shim summary:"))
-        {
+        if let Some(line) = summary {
             say(&format!("  {line}"));
         }
     }
