@@ -13,7 +13,7 @@ APT_PACKAGES := postgresql-15 postgresql-server-dev-15 libclang-dev clang pkg-co
                 libssl-dev iproute2 iputils-ping iperf3 procps openssl tcpdump tshark g++
 PGRX_TEST_DATA ?= /tmp/pgvpn-pgrx-test-data
 
-.PHONY: all deps build install check test test-core test-ext test-e2e demo bench bench-audit soak clean
+.PHONY: all deps build install check test test-core test-ext test-e2e demo ha-demo bench bench-peers bench-audit soak clean
 
 all: build
 
@@ -65,11 +65,38 @@ demo: install
 	$(CARGO) build --release -p pgvpn-shim -p pgvpn-tests
 	./target/release/demo
 
-# Throughput, latency and cost: tunnel vs a veth pair vs the database alone (about 6 min;
-# BENCH_ARGS=--quick for a 1-minute look). Writes target/bench/latest.json.
+# pg_auto_failover on one box: a monitor, two nodes and two shims on namespaced hosts;
+# ping and iperf3 through the tunnel, `pg_autoctl perform failover`, a kill -9 of the new
+# primary's pg_autoctl, and the outage each caused (docs/ha.md, "pg_auto_failover"; about
+# 2 min; HA_DEMO_ARGS="--primary-demote-timeout MS"). Not in `make test`.
+HA_DEMO_PACKAGES := postgresql-15-auto-failover
+ha-demo: install
+	@missing=$$(for p in $(HA_DEMO_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing: $$missing"; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	fi
+	$(CARGO) build --release -p pgvpn-shim -p pgvpn-tests
+	./target/release/ha-demo $(HA_DEMO_ARGS)
+
+# Throughput, latency and cost: tunnel vs a veth pair vs the database alone, vs COPY of
+# the same rows, send with 2 vs 2,002 peers, the latency floor, and the send ceiling of
+# BENCH_BASELINE (v0.1.0; both it and HEAD built without LTO into private copies of
+# PostgreSQL, once per commit; about 2 more minutes once built) — each issue-12/14 target
+# as met or missed. BENCH_BASELINE= (or BENCH_ARGS=--no-baseline) skips the baseline;
+# BENCH_ARGS=--quick for a short look. Writes target/bench/latest.json.
+BENCH_BASELINE ?= v0.1.0
 bench: install
 	$(CARGO) build --release -p pgvpn-shim -p pgvpn-tests
-	./target/release/bench $(BENCH_ARGS)
+	./target/release/bench $(if $(BENCH_BASELINE),--baseline $(BENCH_BASELINE)) $(BENCH_ARGS)
+
+# Many active peers: 2, 8, 32 and 64 concurrent SQL peers (no tun) sending to random
+# others; packets/s, Jain's fairness, ordering-lock and NOTIFY-lock waits, NOTIFYs per
+# commit (BENCH_PEERS_ARGS="--seconds S --peers 2,8,32,64"; about 1 min). Writes
+# target/bench/peers-latest.json.
+bench-peers: install
+	$(CARGO) build --release -p pgvpn-tests
+	./target/release/bench-peers $(BENCH_PEERS_ARGS)
 
 # The audit queries on a big log (BENCH_AUDIT_ARGS="--packets N", --quick for a look;
 # 50M packets need about 20 GB under /tmp). Writes target/bench/audit-latest.json.

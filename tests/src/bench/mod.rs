@@ -7,6 +7,11 @@
 //! * `ceiling`  — `pgvpn.send` / `pgvpn.recv` from one client, no tun involved.
 //! * `cpu`      — CPU seconds from /proc (the PostgreSQL process tree, a shim).
 //! * `logcheck` — one log row per packet that crossed the tunnel.
+//! * `peerscale` — `send` with 2 and with 2,002 peers registered.
+//! * `copyref`  — COPY BINARY of the same rows: the reference for `send`'s rows/s.
+//! * `floor`    — two durable single-row commits: the floor under the idle ping.
+//! * `baseline` — the ceiling again against an older pgvpn (`--baseline TAG`).
+//! * `waits`    — what the backends wait for (pg_stat_activity), for `make bench-peers`.
 //! * `plan`     — what one run measures, in which order.
 //! * `report`   — medians, the table, the JSON file.
 //!
@@ -25,14 +30,23 @@
 pub mod auditlog;
 pub mod auditmix;
 pub mod auditq;
+pub mod baseline;
 pub mod ceiling;
+pub mod copyref;
 pub use pgvpn_tests::cpu;
+pub mod floor;
 pub mod flowcase;
 pub mod logcheck;
 pub mod measure;
+pub mod peerscale;
+/// The throwaway CA of the TLS runs: the same openssl commands as the README's and the
+/// TLS tests'.
+#[path = "../../../shim/tests/support/pki.rs"]
+pub mod pki;
 pub mod plan;
 pub mod report;
 pub mod topology;
+pub mod waits;
 
 use signal_hook::consts::{SIGINT, SIGTERM};
 use std::path::PathBuf;
@@ -43,6 +57,30 @@ use std::sync::{Arc, LazyLock};
 pub type Result<T> = std::result::Result<T, String>;
 
 static INTERRUPTED: LazyLock<Arc<AtomicBool>> = LazyLock::new(Arc::default);
+
+/// The start of each bench program: its arguments parsed (usage on error, exit 2; on
+/// `--help`, exit 0), the programs it runs checked, the signal handlers installed.
+pub fn start<S>(
+    program: &str,
+    usage: &str,
+    args: &[String],
+    parse: impl FnOnce(&[String]) -> std::result::Result<S, String>,
+    needs: &[&str],
+) -> S {
+    let settings = parse(args).unwrap_or_else(|e| {
+        if !e.is_empty() {
+            eprintln!("{program}: {e}");
+        }
+        eprintln!("{usage}");
+        std::process::exit(if e.is_empty() { 0 } else { 2 })
+    });
+    if let Err(e) = pgvpn_tests::check_prerequisites(program, needs) {
+        eprintln!("{program}: {e}");
+        std::process::exit(1);
+    }
+    install_signal_handlers();
+    settings
+}
 
 /// SIGINT / SIGTERM only set a flag; the long waits poll it and unwind normally, so the
 /// Drop guards clean up. (On Ctrl-C the terminal also signals our children directly.)

@@ -1,8 +1,9 @@
 //! Medians over runs, the console table, and the JSON file.
 
+use super::ceiling::COMPARED_SIZES;
 use super::logcheck::Verdict;
 use super::measure::median;
-use super::plan::{Metrics, RunResult, Settings, CEILING_SIZE};
+use super::plan::{Metrics, RunResult, Settings};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
@@ -32,6 +33,23 @@ pub struct Env {
     pub postgres: String,
     /// Settings as the server reports them (`SHOW`).
     pub pg_settings: Vec<(String, String)>,
+}
+
+impl Env {
+    /// The machine, as every report's JSON gives it.
+    pub fn host_json(&self) -> Value {
+        json!({"cpu": self.cpu_model, "cores": self.cores, "kernel": self.kernel,
+               "postgres": self.postgres})
+    }
+
+    /// The server's settings (`SHOW`), as every report's JSON gives them.
+    pub fn settings_json(&self) -> Value {
+        json!(self
+            .pg_settings
+            .iter()
+            .cloned()
+            .collect::<BTreeMap<String, String>>())
+    }
 }
 
 /// The machine and the database's settings. `db` is any database of `cluster`.
@@ -235,10 +253,64 @@ impl Table<'_> {
             Some("ping_p99_ms"),
             true,
         );
+        // What TLS costs (#8): the same tunnel, its shims over TCP + TLS instead of the
+        // unix socket, in this run.
+        let _ = writeln!(
+            o,
+            "{:<32}{:<22}{:<22}TLS/unix",
+            format!("shims over TCP + TLS (MTU {d})"),
+            "TCP + TLS",
+            "unix socket"
+        );
+        for (label, key, more, times) in [
+            ("  TCP Mbit/s", "tcp_default.mbit", None, false),
+            (
+                "  ping idle p50/p99 ms",
+                "ping_idle.p50_ms",
+                Some("ping_idle.p99_ms"),
+                true,
+            ),
+            (
+                "  ping under TCP p50/p99 ms",
+                "tcp_default.ping_p50_ms",
+                Some("tcp_default.ping_p99_ms"),
+                true,
+            ),
+        ] {
+            let cell = |link: &str| -> String {
+                let main = self.get(&format!("{link}.{key}"));
+                let extra = more.and_then(|k| self.get(&format!("{link}.{k}")));
+                match (main, extra) {
+                    (Some(a), Some(b)) => format!("{} / {}", num(a), num(b)),
+                    (Some(a), None) => num(a),
+                    _ => "—".into(),
+                }
+            };
+            let ratio = match (
+                self.get(&format!("{}.{key}", super::plan::TLS_LINK)),
+                self.get(&format!("tunnel.{key}")),
+            ) {
+                (Some(t), Some(u)) if u > 0.0 && times => format!("×{}", num(t / u)),
+                (Some(t), Some(u)) if u > 0.0 => pct(100.0 * t / u),
+                _ => "—".into(),
+            };
+            let _ = writeln!(
+                o,
+                "{label:<32}{:<22}{:<22}{ratio}",
+                cell(super::plan::TLS_LINK),
+                cell("tunnel")
+            );
+        }
 
         let ceiling = |field: &str| -> String {
             let mut parts = Vec::new();
-            for (name, size) in [("1400B", CEILING_SIZE as u32), ("default", d), ("jumbo", j)] {
+            let sizes = super::plan::ceiling_sizes(j)
+                .into_iter()
+                .map(|(name, size)| {
+                    let size = if name == "default" { d } else { size as u32 };
+                    (name, size)
+                });
+            for (name, size) in sizes {
                 if let Some(v) = self.get(&format!("ceiling.{name}.{field}")) {
                     let mbit = if field == "send_pps" {
                         self.get(&format!("ceiling.{name}.send_mbit"))
@@ -301,6 +373,61 @@ impl Table<'_> {
             }
         );
 
+        let _ = writeln!(
+            o,
+            "{:<32}{}",
+            "floor: 2 durable commits ms",
+            match (
+                self.get("floor.ms"),
+                self.get("floor.commit_p50_ms"),
+                self.get("floor.commit_p99_ms")
+            ) {
+                (Some(f), Some(p50), Some(p99)) => format!(
+                    "{} (one-row INSERT + commit p50 {}, p99 {})",
+                    num(f),
+                    num(p50),
+                    num(p99)
+                ),
+                _ => "—".into(),
+            }
+        );
+        let copy: Vec<String> = COMPARED_SIZES
+            .iter()
+            .filter_map(|size| {
+                let c = self.get(&format!("copy.{size}B.rows_per_s"))?;
+                Some(format!("{} at {size} B", num(c)))
+            })
+            .collect();
+        let _ = writeln!(
+            o,
+            "{:<32}{}",
+            "COPY reference rows/s",
+            if copy.is_empty() {
+                "—".into()
+            } else {
+                copy.join("; ")
+            }
+        );
+        let _ = writeln!(
+            o,
+            "\ntargets (issues #12, #14), each a ratio within this run:"
+        );
+        for t in targets(self.m) {
+            let _ = writeln!(
+                o,
+                "{:<34}{:<50}{:<15}{}",
+                t.name,
+                t.figure,
+                t.target,
+                match t.met {
+                    Some(true) => "met",
+                    Some(false) => "missed",
+                    None => "not measured",
+                }
+            );
+        }
+        let _ = writeln!(o);
+
         if checks.is_empty() {
             let _ = writeln!(o, "{:<32}not run", "log check");
         }
@@ -314,6 +441,192 @@ impl Table<'_> {
         }
         o
     }
+}
+
+/// One target of issue #12 or #14 and how this run did against it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Target {
+    pub name: String,
+    /// What was measured, as printed.
+    pub figure: String,
+    pub target: String,
+    /// The ratio compared with the target (percent, or a factor for "×" targets).
+    pub value: Option<f64>,
+    /// None when this run did not measure it.
+    pub met: Option<bool>,
+}
+
+impl Target {
+    fn new(name: impl Into<String>, target: &str) -> Target {
+        Target {
+            name: name.into(),
+            figure: "—".into(),
+            target: target.into(),
+            value: None,
+            met: None,
+        }
+    }
+
+    fn measured(mut self, figure: String, value: f64, met: bool) -> Target {
+        (self.figure, self.value, self.met) = (figure, Some(value), Some(met));
+        self
+    }
+
+    pub fn to_json(&self) -> Value {
+        json!({"name": self.name, "figure": self.figure, "target": self.target,
+               "value": self.value, "met": self.met})
+    }
+}
+
+/// The targets, from the (median) metrics of a run.
+pub fn targets(m: &Metrics) -> Vec<Target> {
+    let g = |k: &str| m.get(k).copied();
+    let mut v = Vec::new();
+
+    let t = Target::new("send, 2,002 vs 2 peers", "≥ 90%");
+    v.push(
+        match (
+            g("peers.2002.send_pps"),
+            g("peers.2.send_pps"),
+            g("peers.ratio_pct"),
+        ) {
+            (Some(many), Some(few), Some(p)) => t.measured(
+                format!("{} vs {} pkt/s: {}", num(many), num(few), pct(p)),
+                p,
+                p >= 90.0,
+            ),
+            _ => t,
+        },
+    );
+
+    for size in COMPARED_SIZES {
+        let t = Target::new(format!("send / COPY rows/s, {size} B"), "≥ 90%");
+        let send = super::plan::ceiling_key(size).and_then(|k| g(&format!("ceiling.{k}.send_pps")));
+        v.push(
+            match (
+                send,
+                g(&format!("copy.{size}B.rows_per_s")),
+                g(&format!("copy.{size}B.send_pct")),
+            ) {
+                (Some(s), Some(c), Some(p)) => {
+                    t.measured(format!("{} / {}: {}", num(s), num(c), pct(p)), p, p >= 90.0)
+                }
+                _ => t,
+            },
+        );
+    }
+
+    let t = Target::new("idle ping p50 / floor", "≤ ×1.25");
+    v.push(
+        match (
+            g("tunnel.ping_idle.p50_ms"),
+            g("floor.ms"),
+            g("tunnel.ping_idle.per_floor"),
+        ) {
+            (Some(p), Some(f), Some(x)) => t.measured(
+                format!("{} / {} ms: ×{}", num(p), num(f), num(x)),
+                x,
+                x <= 1.25,
+            ),
+            _ => t,
+        },
+    );
+
+    let t = Target::new("ping p99 under TCP / idle p50", "≤ ×3, ≤ 20 ms");
+    v.push(
+        match (
+            g("tunnel.tcp_default.ping_p99_ms"),
+            g("tunnel.ping_idle.p50_ms"),
+            g("tunnel.tcp_default.ping_p99_per_idle_p50"),
+        ) {
+            (Some(p99), Some(idle), Some(x)) => t.measured(
+                format!("{} / {} ms: ×{}", num(p99), num(idle), num(x)),
+                x,
+                x <= 3.0 && p99 <= 20.0,
+            ),
+            _ => t,
+        },
+    );
+
+    let t = Target::new("TCP / send ceiling, MTU 8000", "≥ 80%");
+    v.push(
+        match (
+            g("tunnel.tcp_default.mbit"),
+            g("ceiling.default.send_mbit"),
+            g("tunnel.tcp_default.pct_of_ceiling"),
+        ) {
+            (Some(tcp), Some(c), Some(p)) => {
+                let vs1400 = g("tunnel.tcp_default.pct_of_1400_ceiling")
+                    .map(|q| format!(" (of 1400 B's: {})", pct(q)))
+                    .unwrap_or_default();
+                t.measured(
+                    format!("{} / {} Mbit/s: {}{vs1400}", num(tcp), num(c), pct(p)),
+                    p,
+                    p >= 80.0,
+                )
+            }
+            _ => t,
+        },
+    );
+
+    let t = Target::new("UDP 64 B / 64 B send ceiling", "≥ 80%");
+    v.push(
+        match (
+            g("tunnel.udp64_best.pps"),
+            g("ceiling.64B.send_pps"),
+            g("tunnel.udp64_best.pct_of_ceiling"),
+        ) {
+            (Some(u), Some(c), Some(p)) => t.measured(
+                format!("{} / {} pkt/s: {}", num(u), num(c), pct(p)),
+                p,
+                p >= 80.0,
+            ),
+            _ => t,
+        },
+    );
+
+    // Halved against 0.1.0: the tunnel's figure has no 0.1.0 side in this run, so the
+    // verdict is the send ceiling's DB CPU per GB at 8000 B, 0.1.0 vs current (baseline).
+    let t = Target::new("DB CPU s/GB, 8000 B, vs baseline", "≤ 50%");
+    let tunnel = g("tunnel.tcp_default.cpu_db_s_per_gb")
+        .map(|x| format!(" (TCP: {})", num(x)))
+        .unwrap_or_default();
+    v.push(
+        match (
+            g("baseline.before.8000B.send_cpu_db_s_per_gb"),
+            g("baseline.after.8000B.send_cpu_db_s_per_gb"),
+            g("baseline.8000B.cpu_ratio_pct"),
+        ) {
+            (Some(b), Some(a), Some(p)) => t.measured(
+                format!("send {} → {} s/GB: {}{tunnel}", num(b), num(a), pct(p)),
+                p,
+                p <= 50.0,
+            ),
+            _ => Target {
+                figure: format!("no baseline{tunnel}"),
+                ..t
+            },
+        },
+    );
+
+    for size in COMPARED_SIZES {
+        let t = Target::new(format!("send vs baseline, {size} B"), "≥ 90%");
+        v.push(
+            match (
+                g(&format!("baseline.before.{size}B.send_pps")),
+                g(&format!("baseline.after.{size}B.send_pps")),
+                g(&format!("baseline.{size}B.send_ratio_pct")),
+            ) {
+                (Some(b), Some(a), Some(p)) => t.measured(
+                    format!("{} → {} pkt/s: {}", num(b), num(a), pct(p)),
+                    p,
+                    p >= 90.0,
+                ),
+                _ => t,
+            },
+        );
+    }
+    v
 }
 
 /// Where the DB's CPU went during a TCP test: shares of the total, largest first.
@@ -353,14 +666,20 @@ pub fn to_json(
         .collect();
     json!({
         "started_utc": env.started_utc,
-        "host": {"cpu": env.cpu_model, "cores": env.cores, "kernel": env.kernel, "postgres": env.postgres},
-        "postgres_settings": env.pg_settings.iter().cloned().collect::<BTreeMap<String, String>>(),
+        "host": env.host_json(),
+        "postgres_settings": env.settings_json(),
         "settings": {
             "runs": settings.runs, "seconds": settings.seconds, "udp_seconds": settings.udp_seconds,
             "default_mtu": default_mtu, "jumbo_mtu": settings.jumbo_mtu, "ping_count": settings.ping_count,
             "ceiling_batch": super::ceiling::BATCH, "ceiling_recv_page": super::ceiling::PAGE,
+            "baseline": match &settings.baseline {
+                Some(super::baseline::Source::Tag(t)) => json!({"tag": t}),
+                Some(super::baseline::Source::Bindir(d)) => json!({"bindir": d}),
+                None => Value::Null,
+            },
         },
         "median": median,
+        "targets": targets(median).iter().map(Target::to_json).collect::<Vec<_>>(),
         "runs": runs,
     })
 }
@@ -448,6 +767,43 @@ mod tests {
         assert_eq!(
             timestamps(1_795_901_405),
             ("2026-11-28 21:30 UTC".into(), "20261128-213005".into())
+        );
+    }
+
+    #[test]
+    fn targets_met_missed_unmeasured() {
+        let m: Metrics = [
+            ("peers.2.send_pps", 1000.0),
+            ("peers.2002.send_pps", 950.0),
+            ("peers.ratio_pct", 95.0),
+            ("tunnel.ping_idle.p50_ms", 2.0),
+            ("tunnel.tcp_default.ping_p99_ms", 5.0),
+            ("tunnel.tcp_default.ping_p99_per_idle_p50", 2.5),
+            ("baseline.before.64B.send_pps", 100.0),
+            ("baseline.after.64B.send_pps", 80.0),
+            ("baseline.64B.send_ratio_pct", 80.0),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), *v))
+        .collect();
+        let t = targets(&m);
+        let verdict = |name: &str| t.iter().find(|t| t.name == name).unwrap().met;
+        assert_eq!(verdict("send, 2,002 vs 2 peers"), Some(true));
+        assert_eq!(verdict("ping p99 under TCP / idle p50"), Some(true));
+        assert_eq!(verdict("send vs baseline, 64 B"), Some(false));
+        assert_eq!(verdict("send / COPY rows/s, 64 B"), None);
+        assert_eq!(verdict("idle ping p50 / floor"), None);
+        // ×3 of the idle p50 is not enough when that is above 20 ms.
+        let mut slow = m.clone();
+        slow.insert("tunnel.ping_idle.p50_ms".into(), 10.0);
+        slow.insert("tunnel.tcp_default.ping_p99_ms".into(), 25.0);
+        let t = targets(&slow);
+        assert_eq!(
+            t.iter()
+                .find(|t| t.name.starts_with("ping p99"))
+                .unwrap()
+                .met,
+            Some(false)
         );
     }
 

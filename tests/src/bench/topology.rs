@@ -2,16 +2,23 @@
 //!
 //! * [`Tunnel`]: a private cluster with the extension, peers alice and bob, and per
 //!   session a `pgvpn-shim` in each namespace (started and stopped by [`Tunnel::start`] /
-//!   [`Tunnel::stop`], which also runs the log check).
+//!   [`Tunnel::stop`], which also runs the log check). The cluster runs in a namespace of
+//!   its own on an underlay (`pgvpn_tests::underlay`) that both hosts are attached to, so
+//!   a session's shims reach it either through its unix socket or over TCP with TLS
+//!   (verify-full, client certificates), as [`Transport`] says.
 //! * [`Direct`]: the reference, a veth pair between two namespaces (neither end in the
 //!   root namespace).
 
 use super::logcheck::{self, Counters, Rows, Verdict};
 use super::measure::Hosts;
+use super::pki::Ca;
 use super::{check_interrupt, Result, Scratch};
 use pgvpn_tests::cluster::ClusterOptions;
 use pgvpn_tests::sql::{create_peer, scalar_i64};
+use pgvpn_tests::underlay::{self, Underlay, DB_ADDR};
+use pgvpn_tests::util::TmpDir;
 use pgvpn_tests::{db_error, Cluster, Netns, Shim, ShimSpec};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 pub const DB: &str = "vpn";
@@ -20,6 +27,26 @@ pub const ALICE: &str = "198.18.0.1";
 pub const BOB: &str = "198.18.0.2";
 const DIRECT_A: &str = "198.18.1.1";
 const DIRECT_B: &str = "198.18.1.2";
+const ALICE_UNDERLAY: &str = "198.19.0.2";
+const BOB_UNDERLAY: &str = "198.19.0.3";
+
+/// How a session's shims reach the database.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// The cluster's unix socket (the harness's conninfo).
+    Unix,
+    /// TCP to the underlay address with TLS: sslmode verify-full (the shim's default),
+    /// the server's certificate from a CA of this run, client certificates (`cert` auth).
+    Tls,
+}
+
+/// The run's CA and the files each peer's shim needs for [`Transport::Tls`].
+struct Pki {
+    ca_crt: PathBuf,
+    /// Per role: (certificate, key).
+    clients: [(String, (PathBuf, PathBuf)); 2],
+    _dir: TmpDir,
+}
 
 /// postgresql.conf lines for the bench on top of the harness's (which keeps fsync and
 /// synchronous_commit at their durable defaults).
@@ -95,13 +122,16 @@ struct Session {
     last_id: i64,
 }
 
-/// Field order is drop order: shims, namespaces, then the cluster.
+/// Field order is drop order: shims, host namespaces, the cluster (stopped inside its
+/// namespace), the underlay (that namespace), the certificates.
 pub struct Tunnel {
     session: Option<Session>,
     pub a: Netns,
     pub b: Netns,
     peers: [i32; 2],
     pub cluster: Cluster,
+    _underlay: Underlay,
+    pki: Pki,
 }
 
 impl Tunnel {
@@ -109,15 +139,52 @@ impl Tunnel {
     /// (198.18.0.2) + a namespace each with a persistent tun device, so the device's
     /// counters outlive the shims.
     pub fn new() -> Tunnel {
+        let dir = TmpDir::new("bench-pki");
+        let ca = Ca::new(&dir.file(""), "ca", "pgvpn bench CA");
+        let server = ca.issue(
+            "server",
+            "db.bench",
+            &format!("subjectAltName=IP:{DB_ADDR}\nextendedKeyUsage=serverAuth\n"),
+        );
+        let client = |role: &str| {
+            let files = ca.issue(role, role, "extendedKeyUsage=clientAuth\n");
+            (role.to_string(), files)
+        };
+        let pki = Pki {
+            ca_crt: ca.crt(),
+            clients: [client("alice"), client("bob")],
+            _dir: dir,
+        };
+
+        let mut underlay = Underlay::new("tdb");
+        let (a, b) = (Netns::new("ta"), Netns::new("tb"));
+        underlay.attach(&a, ALICE_UNDERLAY);
+        underlay.attach(&b, BOB_UNDERLAY);
+        let mut extra_conf: Vec<String> = BENCH_CONF.iter().map(|s| s.to_string()).collect();
+        extra_conf.extend([
+            format!("listen_addresses = '{DB_ADDR}'"),
+            "ssl = on".into(),
+            "ssl_cert_file = 'server.crt'".into(),
+            "ssl_key_file = 'server.key'".into(),
+            "ssl_ca_file = 'ca.crt'".into(),
+        ]);
         let cluster = Cluster::start_with(ClusterOptions {
-            extra_conf: BENCH_CONF.iter().map(|s| s.to_string()).collect(),
-            ..ClusterOptions::default()
+            extra_conf,
+            hba: vec![
+                format!("hostssl {DB} alice,bob {} cert", underlay::SUBNET),
+                "host all all 0.0.0.0/0 reject".into(),
+            ],
+            netns: Some(underlay.db_ns().name().to_string()),
+            data_files: vec![
+                (server.0, "server.crt".into()),
+                (server.1, "server.key".into()),
+                (pki.ca_crt.clone(), "ca.crt".into()),
+            ],
         });
         cluster.create_db(DB);
         cluster.create_extension(DB);
         let alice = create_peer(&cluster, DB, "alice", &[&format!("{ALICE}/32")]);
         let bob = create_peer(&cluster, DB, "bob", &[&format!("{BOB}/32")]);
-        let (a, b) = (Netns::new("ta"), Netns::new("tb"));
         a.add_persistent_tun(TUN);
         b.add_persistent_tun(TUN);
         Tunnel {
@@ -126,7 +193,44 @@ impl Tunnel {
             b,
             peers: [alice, bob],
             cluster,
+            _underlay: underlay,
+            pki,
         }
+    }
+
+    /// `role`'s connection string for `transport`.
+    fn conninfo(&self, role: &str, transport: Transport) -> String {
+        match transport {
+            Transport::Unix => self.cluster.conninfo(role, DB),
+            Transport::Tls => {
+                let (_, (crt, key)) = self
+                    .pki
+                    .clients
+                    .iter()
+                    .find(|(r, _)| r == role)
+                    .expect("a client certificate for the role");
+                format!(
+                    "host={DB_ADDR} port={} user={role} dbname={DB} sslrootcert={} sslcert={} sslkey={}",
+                    self.cluster.port(),
+                    self.pki.ca_crt.display(),
+                    crt.display(),
+                    key.display()
+                )
+            }
+        }
+    }
+
+    /// How many of the shims' sessions use TLS (pg_stat_ssl), of how many.
+    pub fn tls_sessions(&self) -> Result<(i64, i64)> {
+        let mut su = self.cluster.superuser(DB);
+        let row = su
+            .query_one(
+                "SELECT count(*) FILTER (WHERE s.ssl), count(*) FROM pg_stat_activity a \
+                 JOIN pg_stat_ssl s USING (pid) WHERE a.usename IN ('alice', 'bob')",
+                &[],
+            )
+            .map_err(|e| db_error(&e))?;
+        Ok((row.get(0), row.get(1)))
     }
 
     pub fn hosts<'a>(&'a self, scratch: &'a Scratch) -> Hosts<'a> {
@@ -154,8 +258,14 @@ impl Tunnel {
         [s.shims[0].pid(), s.shims[1].pid()]
     }
 
-    /// Start both shims (`--mtu` only if given); returns the tun MTU in effect.
+    /// Start both shims on the unix socket (`--mtu` only if given); returns the tun MTU
+    /// in effect.
     pub fn start(&mut self, mtu: Option<u32>) -> u32 {
+        self.start_with(mtu, Transport::Unix)
+    }
+
+    /// [`Tunnel::start`], the shims connecting by `transport`.
+    pub fn start_with(&mut self, mtu: Option<u32>, transport: Transport) -> u32 {
         assert!(
             self.session.is_none(),
             "a tunnel session is already running"
@@ -170,6 +280,7 @@ impl Tunnel {
             // The device persists: drop the previous session's address (the shim adds it).
             ns.ip(&["addr", "flush", "dev", TUN]);
             let mut spec = ShimSpec::new(&self.cluster, DB, role, &format!("{addr}/24"), TUN);
+            spec.conninfo = self.conninfo(role, transport);
             if let Some(m) = mtu {
                 spec.extra_args = vec!["--mtu".into(), m.to_string()];
             }

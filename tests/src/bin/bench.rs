@@ -1,13 +1,16 @@
 //! `make bench`: pgvpn's throughput, latency and cost on this one box, next to a plain
-//! veth pair and to what the database alone can take. Run as root:
+//! veth pair, to what the database alone can take, to COPY of the same rows and (with
+//! `--baseline`) to an older version's database ceiling. Run as root:
 //!
 //! ```text
-//! cargo run --release -p pgvpn-tests --bin bench -- [--runs N] [--seconds S] [--quick] [--jumbo-mtu M]
+//! cargo run --release -p pgvpn-tests --bin bench -- [--runs N] [--seconds S] [--quick]
+//!     [--jumbo-mtu M] [--baseline TAG | --baseline-bindir DIR | --no-baseline]
 //! ```
 //!
-//! Prints a table and writes `<target>/bench/bench-<timestamp>.json` and `latest.json`.
-//! Exits 0 whatever the speed; 1 if something is broken (a log check failed, a tool or
-//! measurement failed), 2 on bad flags, 130 when interrupted. Modules: tests/src/bench/.
+//! Prints a table, with the targets of issues #12 and #14 as met or missed, and writes
+//! `<target>/bench/bench-<timestamp>.json` and `latest.json`. Exits 0 whatever the
+//! speed; 1 if something is broken (a log check failed, a tool or measurement failed),
+//! 2 on bad flags, 130 when interrupted. Modules: tests/src/bench/.
 
 #[allow(
     dead_code,
@@ -16,6 +19,7 @@
 #[path = "../bench/mod.rs"]
 mod bench;
 
+use bench::baseline::{self, Source};
 use bench::logcheck::Verdict;
 use bench::plan::{self, RunResult, Settings};
 use bench::report::{self, Table};
@@ -26,10 +30,17 @@ use pgvpn_tests::util;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 const USAGE: &str = "usage: bench [--runs N] [--seconds S] [--quick] [--jumbo-mtu M]
+             [--baseline TAG | --baseline-bindir DIR | --no-baseline]
   --runs N        runs per figure; each figure is the median (default 3)
-  --seconds S     TCP test and database-ceiling duration (default 10; UDP runs min(S, 5))
+  --seconds S     TCP test and database-ceiling duration (default 10; UDP, the peer
+                  count and the baseline's ceilings run min(S, 5))
   --quick         1 run of 3 s, for development
-  --jumbo-mtu M   the large MTU for TCP and the ceiling (default 65000)";
+  --jumbo-mtu M   the large MTU for TCP and the ceiling (default 65000)
+  --baseline TAG  also measure the send ceiling of TAG (built once into a private
+                  PostgreSQL) against the current version built the same way
+  --baseline-bindir DIR   the same against an installation's bin/ directory
+                  (default: $PGVPN_BENCH_BASELINE_BINDIR, if set)
+  --no-baseline   no baseline, whatever the environment says";
 
 fn parse_args(args: &[String]) -> Result<Settings, String> {
     let mut s = Settings {
@@ -38,6 +49,9 @@ fn parse_args(args: &[String]) -> Result<Settings, String> {
         udp_seconds: 5,
         jumbo_mtu: 65000,
         ping_count: 200,
+        baseline: std::env::var_os(baseline::ENV_BINDIR)
+            .filter(|v| !v.is_empty())
+            .map(|v| Source::Bindir(v.into())),
     };
     let mut quick = false;
     let mut it = args.iter();
@@ -53,6 +67,18 @@ fn parse_args(args: &[String]) -> Result<Settings, String> {
             "--seconds" => s.seconds = value("--seconds")?,
             "--jumbo-mtu" => s.jumbo_mtu = value("--jumbo-mtu")? as u32,
             "--quick" => quick = true,
+            "--baseline" | "--baseline-bindir" => {
+                let v = it
+                    .next()
+                    .filter(|v| !v.is_empty())
+                    .ok_or_else(|| format!("{a} needs a value"))?;
+                s.baseline = Some(if a == "--baseline" {
+                    Source::Tag(v.clone())
+                } else {
+                    Source::Bindir(v.into())
+                });
+            }
+            "--no-baseline" => s.baseline = None,
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument {other:?}")),
         }
@@ -72,20 +98,13 @@ fn parse_args(args: &[String]) -> Result<Settings, String> {
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let settings = parse_args(&args).unwrap_or_else(|e| {
-        if !e.is_empty() {
-            eprintln!("bench: {e}");
-        }
-        eprintln!("{USAGE}");
-        std::process::exit(if e.is_empty() { 0 } else { 2 })
-    });
-    if let Err(e) =
-        pgvpn_tests::check_prerequisites("bench", &["ip", "ss", "ping", "iperf3", "runuser"])
-    {
-        eprintln!("bench: {e}");
-        std::process::exit(1);
+    if args.first().map(String::as_str) == Some(baseline::CHILD_FLAG) {
+        // One side of the baseline comparison, in the PostgreSQL PGVPN_PG_BINDIR names.
+        bench::install_signal_handlers();
+        std::process::exit(baseline::child_main(&args[1..]));
     }
-    bench::install_signal_handlers();
+    let needs = ["ip", "ss", "ping", "iperf3", "runuser"];
+    let settings = bench::start("bench", USAGE, &args, parse_args, &needs);
     std::process::exit(run(&settings));
 }
 
@@ -124,7 +143,34 @@ fn run(settings: &Settings) -> i32 {
     drop(direct);
     drop(tunnel);
 
-    let median = report::medians(&runs);
+    // Before/after after the runs, with the bench's own cluster and namespaces gone.
+    let mut baseline_info = serde_json::Value::Null;
+    let mut baseline_metrics = Default::default();
+    let mut errors_extra: Vec<String> = Vec::new();
+    if let Some(src) = &settings.baseline {
+        let secs = settings.udp_seconds as f64;
+        match baseline::prepare(src).and_then(|sides| {
+            let (m, mut info) = baseline::compare(&sides, secs, &scratch)?;
+            info["bindirs"] = serde_json::json!({
+                "before": sides.before.1, "after": sides.after.1,
+            });
+            Ok((m, info))
+        }) {
+            Ok((m, info)) => (baseline_metrics, baseline_info) = (m, info),
+            Err(e) if interrupted() => eprintln!("[bench] baseline: {e}"),
+            Err(e) => {
+                eprintln!("[bench] baseline: FAILED: {e}");
+                errors_extra.push(format!("baseline: {e}"));
+            }
+        }
+    }
+    if interrupted() {
+        eprintln!("[bench] interrupted; everything was torn down.");
+        return 130;
+    }
+
+    let mut median = report::medians(&runs);
+    median.extend(baseline_metrics);
     let default_mtu = runs
         .iter()
         .find_map(|r| r.default_mtu)
@@ -138,6 +184,7 @@ fn run(settings: &Settings) -> i32 {
         .iter()
         .enumerate()
         .flat_map(|(i, r)| r.errors.iter().map(move |e| format!("run {}: {e}", i + 1)))
+        .chain(errors_extra)
         .collect();
     let ok = checks.iter().all(|c| c.2.ok) && errors.is_empty() && !checks.is_empty();
 
@@ -170,18 +217,20 @@ fn run(settings: &Settings) -> i32 {
     {
         table += &format!("NOTE run {}: other pgvpn tests were running meanwhile ({} namespaces): noisy figures\n", i + 1, r.foreign.len());
     }
+    if let Some(note) = baseline_info["note"].as_str() {
+        table += &format!("NOTE baseline: {note}\n");
+    }
     for e in &errors {
         table += &format!("ERROR {e}\n");
     }
     println!("\n{table}");
 
     let mut json = report::to_json(&env, settings, default_mtu, &runs, &median);
+    json["baseline"] = baseline_info;
     json["ok"] = ok.into();
     json["duration_s"] = t0.elapsed().as_secs_f64().into();
     json["table"] = table.clone().into();
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| util::workspace_dir().join("target"));
+    let target = util::target_dir();
     match report::write_json(&target.join("bench"), &report::timestamps(started).1, &json) {
         Ok(p) => println!(
             "JSON: {} (and latest.json); took {:.0} s",
@@ -226,5 +275,12 @@ mod tests {
         assert!(parse_args(&args("--runs")).is_err());
         assert!(parse_args(&args("--jumbo-mtu 70000")).is_err());
         assert!(parse_args(&args("--bogus")).is_err());
+        let s = parse_args(&args("--baseline v0.1.0")).unwrap();
+        assert_eq!(s.baseline, Some(Source::Tag("v0.1.0".into())));
+        let s = parse_args(&args("--baseline-bindir /opt/pg/bin")).unwrap();
+        assert_eq!(s.baseline, Some(Source::Bindir("/opt/pg/bin".into())));
+        let s = parse_args(&args("--baseline v0.1.0 --no-baseline")).unwrap();
+        assert_eq!(s.baseline, None);
+        assert!(parse_args(&args("--baseline")).is_err());
     }
 }

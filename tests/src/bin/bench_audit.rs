@@ -99,18 +99,7 @@ fn parse_args(args: &[String]) -> Result<Settings, String> {
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let settings = parse_args(&args).unwrap_or_else(|e| {
-        if !e.is_empty() {
-            eprintln!("bench-audit: {e}");
-        }
-        eprintln!("{USAGE}");
-        std::process::exit(if e.is_empty() { 0 } else { 2 })
-    });
-    if let Err(e) = pgvpn_tests::check_prerequisites("bench-audit", &["runuser"]) {
-        eprintln!("bench-audit: {e}");
-        std::process::exit(1);
-    }
-    bench::install_signal_handlers();
+    let settings = bench::start("bench-audit", USAGE, &args, parse_args, &["runuser"]);
     std::process::exit(run(&settings));
 }
 
@@ -268,8 +257,8 @@ fn run(s: &Settings) -> i32 {
     println!("\n{table}");
     let json = json!({
         "started_utc": env.started_utc,
-        "host": {"cpu": env.cpu_model, "cores": env.cores, "kernel": env.kernel, "postgres": env.postgres},
-        "postgres_settings": env.pg_settings.iter().cloned().collect::<BTreeMap<String, String>>(),
+        "host": env.host_json(),
+        "postgres_settings": env.settings_json(),
         "settings": {"packets": s.packets, "first": s.first, "senders": threads, "runs": s.runs,
                      "flowcase_seconds": s.flowcase_secs},
         "last_hour": "sent_at is the commit time and the log is built in one go: the last hour holds all of it",
@@ -281,9 +270,7 @@ fn run(s: &Settings) -> i32 {
         "duration_s": t0.elapsed().as_secs_f64(),
         "table": table,
     });
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| util::workspace_dir().join("target"));
+    let target = util::target_dir();
     let stamp = report::timestamps(started).1;
     match report::write_json_as(&target.join("bench"), "audit", &stamp, &json) {
         Ok(p) => println!(
