@@ -15,7 +15,8 @@ GRANT EXECUTE ON FUNCTION
 -- need no grant: privileges are checked on pgvpn.packets.)
 GRANT USAGE ON SCHEMA pgvpn TO pgvpn_auditor;
 GRANT SELECT ON ALL TABLES IN SCHEMA pgvpn TO pgvpn_auditor;
-GRANT EXECUTE ON FUNCTION decode(bytea), _ts(bigint), _live_counters(), _live_rejects(),
+GRANT EXECUTE ON FUNCTION decode(bytea), _ts(bigint), _beyond(bigint, bigint, bigint, bigint),
+    _live_counters(), _live_rejects(),
     log_generation(), log_wait(bigint, int), metrics(),
     packets_between(inet, inet, timestamptz, timestamptz), host_packets(inet, int),
     port_packets(int, int), flow_packets(inet, int, inet, int, int, int)

@@ -23,9 +23,25 @@ ALTER TABLE reject_samples DROP CONSTRAINT reject_samples_reason_check;
 ALTER TABLE reject_samples ADD CONSTRAINT reject_samples_reason_check
     CHECK (reason IN ('malformed', 'no_route', 'spoofed', 'loop', 'backlog'));
 COMMENT ON TABLE reject_samples IS 'pgvpn: a sample of rejected packets (a few per send), pruned with the log';
+-- The counters' marks (see sql/schema.sql, traffic). Rows written by 0.1.0 carry none:
+-- 0.2.0's shared counters start counting with the restart that loaded it.
+ALTER TABLE traffic
+    ADD COLUMN mark_packets bigint NOT NULL DEFAULT 0,
+    ADD COLUMN mark_bytes bigint NOT NULL DEFAULT 0,
+    ADD COLUMN mark_epoch bigint NOT NULL DEFAULT 0;
+ALTER TABLE reject_counts
+    ADD COLUMN mark bigint NOT NULL DEFAULT 0,
+    ADD COLUMN mark_epoch bigint NOT NULL DEFAULT 0;
 CREATE FUNCTION _ts(us bigint) RETURNS timestamptz
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS
 $$ SELECT CASE WHEN us > 0 THEN '2000-01-01 00:00:00+00'::timestamptz + make_interval(secs => us / 1e6) END $$;
+
+-- What a shared counter counted beyond the mark a table row was written with: all of it
+-- if the mark is from another life of the counters (before a restart, or another
+-- database's, restored from a dump); 0 without a counter. See pgvpn_ext/src/stats.rs.
+CREATE FUNCTION _beyond(live bigint, live_epoch bigint, mark bigint, mark_epoch bigint)
+RETURNS bigint LANGUAGE sql IMMUTABLE PARALLEL SAFE AS
+$$ SELECT coalesce(live - CASE WHEN mark_epoch = live_epoch THEN mark ELSE 0 END, 0) $$;
 
 CREATE TABLE flow_log (
     first_id   bigint NOT NULL,
@@ -324,6 +340,7 @@ $$;
 -- The library's functions (as pgrx generates them for 0.2.0).
 CREATE OR REPLACE FUNCTION "_live_counters"() RETURNS TABLE (
 	"peer" INT,  /* i32 */
+	"epoch" bigint,  /* i64 */
 	"tx_packets" bigint,  /* i64 */
 	"tx_bytes" bigint,  /* i64 */
 	"rx_packets" bigint,  /* i64 */
@@ -338,6 +355,7 @@ AS 'MODULE_PATHNAME', '_live_counters_wrapper';
 
 CREATE OR REPLACE FUNCTION "_live_rejects"() RETURNS TABLE (
 	"peer" INT,  /* i32 */
+	"epoch" bigint,  /* i64 */
 	"reason" TEXT,  /* String */
 	"packets" bigint,  /* i64 */
 	"at" bigint  /* i64 */
@@ -486,10 +504,10 @@ $$;
 
 -- 6. Views and helpers as in 0.2.0 (sql/views.sql).
 -- Rejects per peer id and reason: the table's totals plus what shared memory counted
--- since the last flush.
+-- beyond each row's mark (all of it if the mark is from another life of the counters).
 CREATE VIEW reject_totals_by_id AS
 SELECT coalesce(c.peer, l.peer) AS peer, coalesce(c.reason, l.reason) AS reason,
-       coalesce(c.packets, 0) + coalesce(l.packets, 0) AS packets,
+       coalesce(c.packets, 0) + _beyond(l.packets, l.epoch, c.mark, c.mark_epoch) AS packets,
        greatest(c.last_at, _ts(l.at)) AS last_at
   FROM reject_counts c
   FULL JOIN _live_rejects() l ON l.peer = c.peer AND l.reason = c.reason;
@@ -599,14 +617,14 @@ CREATE TRIGGER peers_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON pee
     FOR EACH STATEMENT EXECUTE FUNCTION peers_changed();
 
 -- What `wg show` tells a WireGuard user, per peer. Counters: the tables' totals (they
--- survive pruning and restarts) plus what shared memory counted since the last flush.
+-- survive pruning and restarts) plus what shared memory counted beyond their marks.
 -- The backlog is what was routed to the peer beyond its cursor.
 CREATE VIEW peer_stats AS
 SELECT p.name AS peer, p.role, p.allowed_ips,
-       t.packets + coalesce(l.tx_packets, 0) AS sent_packets,
-       t.bytes + coalesce(l.tx_bytes, 0) AS sent_bytes,
-       r.packets + coalesce(l.rx_packets, 0) AS received_packets,
-       r.bytes + coalesce(l.rx_bytes, 0) AS received_bytes,
+       t.packets + _beyond(l.tx_packets, l.epoch, t.mark_packets, t.mark_epoch) AS sent_packets,
+       t.bytes + _beyond(l.tx_bytes, l.epoch, t.mark_bytes, t.mark_epoch) AS sent_bytes,
+       r.packets + _beyond(l.rx_packets, l.epoch, r.mark_packets, r.mark_epoch) AS received_packets,
+       r.bytes + _beyond(l.rx_bytes, l.epoch, r.mark_bytes, r.mark_epoch) AS received_bytes,
        (SELECT coalesce(sum(x.packets), 0)::bigint FROM reject_totals_by_id x WHERE x.peer = p.id)
            AS rejected,
        c.acked_id AS cursor,
@@ -646,10 +664,10 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pgvpn, pg_temp AS $$
     WITH l AS (SELECT * FROM _live_counters()),
     p AS (
         SELECT p.id, p.name,
-               t.packets + coalesce(l.tx_packets, 0) AS tx_packets,
-               t.bytes + coalesce(l.tx_bytes, 0) AS tx_bytes,
-               r.packets + coalesce(l.rx_packets, 0) AS rx_packets,
-               r.bytes + coalesce(l.rx_bytes, 0) AS rx_bytes,
+               t.packets + _beyond(l.tx_packets, l.epoch, t.mark_packets, t.mark_epoch) AS tx_packets,
+               t.bytes + _beyond(l.tx_bytes, l.epoch, t.mark_bytes, t.mark_epoch) AS tx_bytes,
+               r.packets + _beyond(l.rx_packets, l.epoch, r.mark_packets, r.mark_epoch) AS rx_packets,
+               r.bytes + _beyond(l.rx_bytes, l.epoch, r.mark_bytes, r.mark_epoch) AS rx_bytes,
                coalesce(l.backlog, 0) AS backlog,
                c.acked_id
           FROM peers p
@@ -701,7 +719,8 @@ GRANT EXECUTE ON FUNCTION
 -- need no grant: privileges are checked on pgvpn.packets.)
 GRANT USAGE ON SCHEMA pgvpn TO pgvpn_auditor;
 GRANT SELECT ON ALL TABLES IN SCHEMA pgvpn TO pgvpn_auditor;
-GRANT EXECUTE ON FUNCTION decode(bytea), _ts(bigint), _live_counters(), _live_rejects(),
+GRANT EXECUTE ON FUNCTION decode(bytea), _ts(bigint), _beyond(bigint, bigint, bigint, bigint),
+    _live_counters(), _live_rejects(),
     log_generation(), log_wait(bigint, int), metrics(),
     packets_between(inet, inet, timestamptz, timestamptz), host_packets(inet, int),
     port_packets(int, int), flow_packets(inet, int, inet, int, int, int)

@@ -44,13 +44,18 @@ CREATE TABLE cursors (
 -- Traffic counters, one row per peer and direction ('t' sent, 'r' received). Sends
 -- count in shared memory (no row is updated per send: that would make these hot rows
 -- that any open snapshot slows down); the totals are written here at most once a second
--- and by prune(). The views add what is not written yet.
+-- and by prune(). The views add what is not written yet: what shared memory counted
+-- beyond the mark each row was written with (mark_epoch names the life of the counters
+-- the marks are from; see pgvpn_ext/src/stats.rs).
 CREATE TABLE traffic (
-    peer      int NOT NULL REFERENCES peers (id),
-    direction "char" NOT NULL CHECK (direction IN ('t', 'r')),
-    packets   bigint NOT NULL DEFAULT 0,
-    bytes     bigint NOT NULL DEFAULT 0,
-    last_at   timestamptz,
+    peer         int NOT NULL REFERENCES peers (id),
+    direction    "char" NOT NULL CHECK (direction IN ('t', 'r')),
+    packets      bigint NOT NULL DEFAULT 0,
+    bytes        bigint NOT NULL DEFAULT 0,
+    last_at      timestamptz,
+    mark_packets bigint NOT NULL DEFAULT 0,
+    mark_bytes   bigint NOT NULL DEFAULT 0,
+    mark_epoch   bigint NOT NULL DEFAULT 0,
     PRIMARY KEY (peer, direction)
 ) WITH (fillfactor = 50);  -- room for HOT updates
 
@@ -63,6 +68,13 @@ CREATE SEQUENCE packet_id CACHE 1;
 CREATE FUNCTION _ts(us bigint) RETURNS timestamptz
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS
 $$ SELECT CASE WHEN us > 0 THEN '2000-01-01 00:00:00+00'::timestamptz + make_interval(secs => us / 1e6) END $$;
+
+-- What a shared counter counted beyond the mark a table row was written with: all of it
+-- if the mark is from another life of the counters (before a restart, or another
+-- database's, restored from a dump); 0 without a counter. See pgvpn_ext/src/stats.rs.
+CREATE FUNCTION _beyond(live bigint, live_epoch bigint, mark bigint, mark_epoch bigint)
+RETURNS bigint LANGUAGE sql IMMUTABLE PARALLEL SAFE AS
+$$ SELECT coalesce(live - CASE WHEN mark_epoch = live_epoch THEN mark ELSE 0 END, 0) $$;
 
 -- The audit log. Append-only; chunked by id range so that pgvpn.prune() drops
 -- whole chunks. Chunk k holds ids [k * 2^40, (k+1) * 2^40).
@@ -129,10 +141,12 @@ COMMENT ON TABLE chunks IS 'pgvpn: the partitions of pgvpn.packets and pgvpn.flo
 
 -- Rejected packets: counted per peer and reason, and a capped sample kept for auditors.
 CREATE TABLE reject_counts (
-    peer    int NOT NULL REFERENCES peers (id),
-    reason  text NOT NULL,
-    packets bigint NOT NULL DEFAULT 0,
-    last_at timestamptz,
+    peer       int NOT NULL REFERENCES peers (id),
+    reason     text NOT NULL,
+    packets    bigint NOT NULL DEFAULT 0,
+    last_at    timestamptz,
+    mark       bigint NOT NULL DEFAULT 0,  -- as in traffic
+    mark_epoch bigint NOT NULL DEFAULT 0,
     PRIMARY KEY (peer, reason)
 );
 

@@ -1,10 +1,10 @@
 -- Audit views. Column names match pgvpn.packets; peers appear by name.
 
 -- Rejects per peer id and reason: the table's totals plus what shared memory counted
--- since the last flush.
+-- beyond each row's mark (all of it if the mark is from another life of the counters).
 CREATE VIEW reject_totals_by_id AS
 SELECT coalesce(c.peer, l.peer) AS peer, coalesce(c.reason, l.reason) AS reason,
-       coalesce(c.packets, 0) + coalesce(l.packets, 0) AS packets,
+       coalesce(c.packets, 0) + _beyond(l.packets, l.epoch, c.mark, c.mark_epoch) AS packets,
        greatest(c.last_at, _ts(l.at)) AS last_at
   FROM reject_counts c
   FULL JOIN _live_rejects() l ON l.peer = c.peer AND l.reason = c.reason;
@@ -130,14 +130,14 @@ CREATE TRIGGER peers_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON pee
     FOR EACH STATEMENT EXECUTE FUNCTION peers_changed();
 
 -- What `wg show` tells a WireGuard user, per peer. Counters: the tables' totals (they
--- survive pruning and restarts) plus what shared memory counted since the last flush.
+-- survive pruning and restarts) plus what shared memory counted beyond their marks.
 -- The backlog is what was routed to the peer beyond its cursor.
 CREATE VIEW peer_stats AS
 SELECT p.name AS peer, p.role, p.allowed_ips,
-       t.packets + coalesce(l.tx_packets, 0) AS sent_packets,
-       t.bytes + coalesce(l.tx_bytes, 0) AS sent_bytes,
-       r.packets + coalesce(l.rx_packets, 0) AS received_packets,
-       r.bytes + coalesce(l.rx_bytes, 0) AS received_bytes,
+       t.packets + _beyond(l.tx_packets, l.epoch, t.mark_packets, t.mark_epoch) AS sent_packets,
+       t.bytes + _beyond(l.tx_bytes, l.epoch, t.mark_bytes, t.mark_epoch) AS sent_bytes,
+       r.packets + _beyond(l.rx_packets, l.epoch, r.mark_packets, r.mark_epoch) AS received_packets,
+       r.bytes + _beyond(l.rx_bytes, l.epoch, r.mark_bytes, r.mark_epoch) AS received_bytes,
        (SELECT coalesce(sum(x.packets), 0)::bigint FROM reject_totals_by_id x WHERE x.peer = p.id)
            AS rejected,
        c.acked_id AS cursor,
@@ -177,10 +177,10 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pgvpn, pg_temp AS $$
     WITH l AS (SELECT * FROM _live_counters()),
     p AS (
         SELECT p.id, p.name,
-               t.packets + coalesce(l.tx_packets, 0) AS tx_packets,
-               t.bytes + coalesce(l.tx_bytes, 0) AS tx_bytes,
-               r.packets + coalesce(l.rx_packets, 0) AS rx_packets,
-               r.bytes + coalesce(l.rx_bytes, 0) AS rx_bytes,
+               t.packets + _beyond(l.tx_packets, l.epoch, t.mark_packets, t.mark_epoch) AS tx_packets,
+               t.bytes + _beyond(l.tx_bytes, l.epoch, t.mark_bytes, t.mark_epoch) AS tx_bytes,
+               r.packets + _beyond(l.rx_packets, l.epoch, r.mark_packets, r.mark_epoch) AS rx_packets,
+               r.bytes + _beyond(l.rx_bytes, l.epoch, r.mark_bytes, r.mark_epoch) AS rx_bytes,
                coalesce(l.backlog, 0) AS backlog,
                c.acked_id
           FROM peers p

@@ -306,21 +306,30 @@ impl Flushed {
     }
 }
 
+// Each row takes what its slot counted beyond the row's mark (all of it when the mark
+// is from another life of the slot: see `shmem::Slot::epoch`), and the new mark: the
+// views add `live - mark` to the row (see `stats`).
 plan_slot!(FLUSH_TRAFFIC);
 const FLUSH_TRAFFIC_SQL: &str = "UPDATE pgvpn.traffic t \
-    SET packets = t.packets + d.p, bytes = t.bytes + d.b, \
+    SET packets = t.packets + d.p - CASE WHEN t.mark_epoch = d.e THEN t.mark_packets ELSE 0 END, \
+        bytes = t.bytes + d.b - CASE WHEN t.mark_epoch = d.e THEN t.mark_bytes ELSE 0 END, \
+        mark_packets = d.p, mark_bytes = d.b, mark_epoch = d.e, \
         last_at = greatest(t.last_at, pgvpn._ts(d.at)) \
-    FROM unnest($1::int4[], $2::text[], $3::int8[], $4::int8[], $5::int8[]) AS d(peer, dir, p, b, at) \
+    FROM unnest($1::int4[], $2::text[], $3::int8[], $4::int8[], $5::int8[], $6::int8[]) \
+        AS d(peer, dir, p, b, at, e) \
     WHERE t.peer = d.peer AND t.direction = d.dir::\"char\"";
 
 plan_slot!(FLUSH_REJECTS);
 const FLUSH_REJECTS_SQL: &str =
-    "INSERT INTO pgvpn.reject_counts AS c (peer, reason, packets, last_at) \
-    SELECT d.peer, d.reason, d.n, pgvpn._ts(d.at) \
-    FROM unnest($1::int4[], $2::text[], $3::int8[], $4::int8[]) AS d(peer, reason, n, at) \
+    "INSERT INTO pgvpn.reject_counts AS c (peer, reason, packets, last_at, mark, mark_epoch) \
+    SELECT d.peer, d.reason, d.n, pgvpn._ts(d.at), d.n, d.e \
+    FROM unnest($1::int4[], $2::text[], $3::int8[], $4::int8[], $5::int8[]) AS d(peer, reason, n, at, e) \
     WHERE EXISTS (SELECT FROM pgvpn.peers p WHERE p.id = d.peer) \
     ON CONFLICT (peer, reason) DO UPDATE \
-    SET packets = c.packets + excluded.packets, last_at = greatest(c.last_at, excluded.last_at)";
+    SET packets = c.packets + excluded.mark \
+            - CASE WHEN c.mark_epoch = excluded.mark_epoch THEN c.mark ELSE 0 END, \
+        mark = excluded.mark, mark_epoch = excluded.mark_epoch, \
+        last_at = greatest(c.last_at, excluded.last_at)";
 
 /// Writes the counters that moved since the last flush, if the last one is a second
 /// old and nobody else is flushing. Runs in pre-commit (as the owner) or in `flush()`.
@@ -377,9 +386,10 @@ fn write_counters(now: i64) -> Result<Option<Flushed>> {
     Spi::connect_mut(|client| {
         let rel = peers::current(client)?.rel;
         let mut deltas = Vec::new();
-        let (mut t_peer, mut t_dir, mut t_p, mut t_b, mut t_at) =
+        let (mut t_peer, mut t_dir, mut t_p, mut t_b, mut t_at, mut t_e) =
+            (vec![], vec![], vec![], vec![], vec![], vec![]);
+        let (mut r_peer, mut r_reason, mut r_n, mut r_at, mut r_e) =
             (vec![], vec![], vec![], vec![], vec![]);
-        let (mut r_peer, mut r_reason, mut r_n, mut r_at) = (vec![], vec![], vec![], vec![]);
         for (peer, slot) in shmem::slots_of(rel) {
             let live = slot.live.counts().map(|a| a.load(Ordering::Relaxed));
             let done = slot.flushed.counts().map(|a| a.load(Ordering::Relaxed));
@@ -391,26 +401,31 @@ fn write_counters(now: i64) -> Result<Option<Flushed>> {
                 continue;
             }
             let at = |a: &std::sync::atomic::AtomicI64| a.load(Ordering::Relaxed);
+            let epoch = slot.epoch.load(Ordering::Relaxed);
+            // What moved is written as the slot's totals; the SQL subtracts the marks.
             if d[0] != 0 || d[1] != 0 {
                 t_peer.push(peer);
                 t_dir.push("t");
-                t_p.push(d[0]);
-                t_b.push(d[1]);
+                t_p.push(live[0]);
+                t_b.push(live[1]);
                 t_at.push(at(&slot.live.tx_at));
+                t_e.push(epoch);
             }
             if d[2] != 0 || d[3] != 0 {
                 t_peer.push(peer);
                 t_dir.push("r");
-                t_p.push(d[2]);
-                t_b.push(d[3]);
+                t_p.push(live[2]);
+                t_b.push(live[3]);
                 t_at.push(at(&slot.live.rx_at));
+                t_e.push(epoch);
             }
             for (i, r) in Reject::ALL.iter().enumerate() {
                 if d[4 + i] != 0 {
                     r_peer.push(peer);
                     r_reason.push(r.as_str());
-                    r_n.push(d[4 + i]);
+                    r_n.push(live[4 + i]);
                     r_at.push(at(&slot.live.reject_at));
+                    r_e.push(epoch);
                 }
             }
             deltas.push((slot, d));
@@ -425,6 +440,7 @@ fn write_counters(now: i64) -> Result<Option<Flushed>> {
                 pg_sys::INT8ARRAYOID,
                 pg_sys::INT8ARRAYOID,
                 pg_sys::INT8ARRAYOID,
+                pg_sys::INT8ARRAYOID,
             ];
             let plan = plans::get(&FLUSH_TRAFFIC, client, FLUSH_TRAFFIC_SQL, &types, true)?;
             client.update(
@@ -436,6 +452,7 @@ fn write_counters(now: i64) -> Result<Option<Flushed>> {
                     t_p.into(),
                     t_b.into(),
                     t_at.into(),
+                    t_e.into(),
                 ],
             )?;
         }
@@ -445,12 +462,19 @@ fn write_counters(now: i64) -> Result<Option<Flushed>> {
                 pg_sys::TEXTARRAYOID,
                 pg_sys::INT8ARRAYOID,
                 pg_sys::INT8ARRAYOID,
+                pg_sys::INT8ARRAYOID,
             ];
             let plan = plans::get(&FLUSH_REJECTS, client, FLUSH_REJECTS_SQL, &types, true)?;
             client.update(
                 plan,
                 None,
-                &[r_peer.into(), r_reason.into(), r_n.into(), r_at.into()],
+                &[
+                    r_peer.into(),
+                    r_reason.into(),
+                    r_n.into(),
+                    r_at.into(),
+                    r_e.into(),
+                ],
             )?;
         }
         Ok(Some(Flushed { deltas, at: now }))

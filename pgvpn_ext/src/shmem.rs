@@ -61,9 +61,16 @@ pub struct Slot {
     state: AtomicU32,
     /// Bumped after every committed transaction that routed packets to this peer.
     pub gen: AtomicU64,
-    /// Everything counted since the server started.
+    /// When the slot was taken (a TimestampTz): names this life of `live`, which counts
+    /// from zero from then on. A flush stores it beside the counts it wrote
+    /// (`mark_epoch` in `pgvpn.traffic` and `pgvpn.reject_counts`), so a row written in
+    /// an earlier life (before a restart, or in the database a dump came from) is known
+    /// to hold none of `live`.
+    pub epoch: AtomicI64,
+    /// Everything counted since the slot was taken.
     pub live: Counters,
-    /// How much of `live` is already in the tables (advanced when a flush commits).
+    /// How much of `live` is already in the tables (advanced when a flush commits; only
+    /// tells a flush whether anything moved: the views use the tables' marks).
     pub flushed: Counters,
     /// `live.rx_packets` minus what was still unacknowledged at the peer's last ack:
     /// the backlog is `live.rx_packets - rx_acked` (see `deliver::ack`).
@@ -217,6 +224,9 @@ pub fn slot(peers_rel: pg_sys::Oid, peer: i32) -> &'static Slot {
             let s = &all[i];
             s.owner.store(owner, Ordering::Relaxed);
             s.peer.store(peer, Ordering::Relaxed);
+            // SAFETY: reads the clock.
+            s.epoch
+                .store(unsafe { pg_sys::GetCurrentTimestamp() }, Ordering::Relaxed);
             s.state.store(1, Ordering::Release);
             Some(s)
         }

@@ -1,6 +1,9 @@
-//! The shared counters as SQL: what has been counted since the last flush to the
-//! tables. The views (`peer_stats`, `reject_totals`) add these to the tables' totals,
-//! so they are exact at any moment without a count over the log.
+//! The shared counters as SQL. The views (`peer_stats`, `reject_totals`, `metrics()`)
+//! add to a table's total what the counters counted beyond the mark that total was
+//! written with: `total + (live - mark)`, the row and its mark read in one snapshot.
+//! A flush that commits while a view runs therefore changes nothing it shows: the view
+//! sees either the old row and its old mark or the new row and its new mark, and `live`
+//! only grows. No count over the log.
 use crate::error::or_raise;
 use crate::shmem;
 use pgrx::prelude::*;
@@ -15,14 +18,16 @@ fn peers_rel() -> pg_sys::Oid {
     )
 }
 
-/// Per peer: counts not yet in `pgvpn.traffic`, latest activity (µs since 2000, 0 =
-/// none since the server started; `pgvpn._ts` converts), and the backlog estimate.
+/// Per peer: the slot's life (`epoch`, see `shmem::Slot`), everything it counted in that
+/// life, latest activity (µs since 2000, 0 = none; `pgvpn._ts` converts), and the
+/// backlog estimate.
 #[pg_extern(volatile, parallel_restricted)]
 #[allow(clippy::type_complexity)]
 pub fn _live_counters() -> TableIterator<
     'static,
     (
         name!(peer, i32),
+        name!(epoch, i64),
         name!(tx_packets, i64),
         name!(tx_bytes, i64),
         name!(rx_packets, i64),
@@ -35,30 +40,30 @@ pub fn _live_counters() -> TableIterator<
     shmem::require();
     let rows: Vec<_> = shmem::slots_of(peers_rel())
         .map(|(peer, s)| {
-            let d = |live: &std::sync::atomic::AtomicI64, done: &std::sync::atomic::AtomicI64| {
-                live.load(Relaxed) - done.load(Relaxed)
-            };
+            let l = &s.live;
             (
                 peer,
-                d(&s.live.tx_packets, &s.flushed.tx_packets),
-                d(&s.live.tx_bytes, &s.flushed.tx_bytes),
-                d(&s.live.rx_packets, &s.flushed.rx_packets),
-                d(&s.live.rx_bytes, &s.flushed.rx_bytes),
-                s.live.tx_at.load(Relaxed),
-                s.live.rx_at.load(Relaxed),
-                (s.live.rx_packets.load(Relaxed) - s.rx_acked.load(Relaxed)).max(0),
+                s.epoch.load(Relaxed),
+                l.tx_packets.load(Relaxed),
+                l.tx_bytes.load(Relaxed),
+                l.rx_packets.load(Relaxed),
+                l.rx_bytes.load(Relaxed),
+                l.tx_at.load(Relaxed),
+                l.rx_at.load(Relaxed),
+                (l.rx_packets.load(Relaxed) - s.rx_acked.load(Relaxed)).max(0),
             )
         })
         .collect();
     TableIterator::new(rows)
 }
 
-/// Per peer and reason: rejects not yet in `pgvpn.reject_counts`.
+/// Per peer and reason with any: the slot's life and the rejects it counted in it.
 #[pg_extern(volatile, parallel_restricted)]
 pub fn _live_rejects() -> TableIterator<
     'static,
     (
         name!(peer, i32),
+        name!(epoch, i64),
         name!(reason, String),
         name!(packets, i64),
         name!(at, i64),
@@ -68,10 +73,11 @@ pub fn _live_rejects() -> TableIterator<
     let mut rows = Vec::new();
     for (peer, s) in shmem::slots_of(peers_rel()) {
         for (i, r) in Reject::ALL.iter().enumerate() {
-            let n = s.live.rejects[i].load(Relaxed) - s.flushed.rejects[i].load(Relaxed);
+            let n = s.live.rejects[i].load(Relaxed);
             if n != 0 {
                 rows.push((
                     peer,
+                    s.epoch.load(Relaxed),
                     r.as_str().to_string(),
                     n,
                     s.live.reject_at.load(Relaxed),

@@ -426,32 +426,48 @@ fn losing_pgvpn_peer_takes_effect_on_an_open_session() {
     );
 }
 
-/// Another role idles in REPEATABLE READ for 60 s, pinning every dead row version.
-/// Nothing on the send path updates a row in place, so alice's sends cost her backend as
-/// much CPU as before. (CPU per send, not sends per second: with tests running side by
-/// side the rate measures the neighbours. The rates are printed for docs/security.md.)
+/// Another role idles in REPEATABLE READ for 60 s, pinning every dead row version in its
+/// database. Nothing on the send path updates a row in place, so alice's sends cost her
+/// backend as much CPU as before, relative to a control: the same sends, interleaved one
+/// for one, into a second database of the same cluster, which the snapshot does not pin
+/// (vacuum's horizon is per database). Neighbours' load, caches and the log's growth then
+/// weigh on both alike; CI's parallel tests and builds moved the absolute figures by up
+/// to 1.7x. (The rates are printed for docs/security.md.)
 #[test]
 fn a_snapshot_held_for_a_minute_does_not_slow_senders() {
+    const CONTROL: &str = "control";
     let cluster = vpn();
     cluster.create_login_role("mallory"); // not even a peer
-    let mut alice = cluster.connect("alice", DB);
-    let backend: i32 = alice
-        .query_one("SELECT pg_backend_pid()", &[])
-        .unwrap()
-        .get(0);
-    // (sends per second, backend CPU µs per send) over `secs` of back-to-back sends.
-    let measure = |alice: &mut Client, secs: u64| {
-        let cpu0 = cpu::process_seconds(backend as u32);
+    cluster.create_db(CONTROL);
+    cluster.create_extension(CONTROL);
+    let mut admin = cluster.superuser(CONTROL);
+    add_peer(&mut admin, "alice", "alice", &[A4]);
+    add_peer(&mut admin, "bob", "bob", &[B4]);
+    let mut pinned = cluster.connect("alice", DB);
+    let mut control = cluster.connect("alice", CONTROL);
+    let pid = |c: &mut Client| -> u32 {
+        let p: i32 = c.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
+        p as u32
+    };
+    let (pinned_pid, control_pid) = (pid(&mut pinned), pid(&mut control));
+    // Over `secs` of back-to-back sends, one here and one in the control: (sends per
+    // second in the pinned database, its backend's CPU per send over the control's).
+    let mut measure = |secs: u64| -> (f64, f64) {
+        let cpu0 = [pinned_pid, control_pid].map(cpu::process_seconds);
         let end = Instant::now() + Duration::from_secs(secs);
         let mut n = 0u64;
         while Instant::now() < end {
-            send(alice, &[udp_tagged(A4, B4, "r")]);
+            send(&mut pinned, &[udp_tagged(A4, B4, "r")]);
+            send(&mut control, &[udp_tagged(A4, B4, "r")]);
             n += 1;
         }
-        let cpu = cpu::process_seconds(backend as u32) - cpu0;
-        (n as f64 / secs as f64, cpu * 1e6 / n as f64)
+        let cpu = [pinned_pid, control_pid].map(cpu::process_seconds);
+        (
+            n as f64 / secs as f64,
+            (cpu[0] - cpu0[0]) / (cpu[1] - cpu0[1]),
+        )
     };
-    let (rate_without, without) = measure(&mut alice, 10);
+    let (rate_without, without) = measure(10);
     let mut mallory = cluster.connect("mallory", DB);
     let mut tx = mallory
         .build_transaction()
@@ -459,18 +475,19 @@ fn a_snapshot_held_for_a_minute_does_not_slow_senders() {
         .start()
         .unwrap();
     tx.query_one("SELECT 1", &[]).unwrap();
-    measure(&mut alice, 40);
-    let (rate_with, with) = measure(&mut alice, 10);
+    measure(40);
+    let (rate_with, with) = measure(10);
     drop(tx);
     eprintln!(
-        "alice's send: {rate_without:.0}/s, {without:.0} µs CPU each without the snapshot; \
-         {rate_with:.0}/s, {with:.0} µs CPU each after 50 s with it"
+        "alice's send: {rate_without:.0}/s, CPU {without:.2}x the control's without the \
+         snapshot; {rate_with:.0}/s, {with:.2}x after 50 s with it"
     );
-    // 1.5: neighbours' load moves CPU per send by 10-15% here (caches, clock); updating a
+    // 1.3: the two databases' sends cost the same to within a few percent; updating a
     // row per send under the pinned snapshot would cost many times as much.
     assert!(
-        with <= 1.5 * without,
-        "a held snapshot made alice's send cost {with:.0} µs of CPU instead of {without:.0}"
+        with <= 1.3 * without,
+        "a held snapshot made alice's send cost {with:.2}x the control's CPU instead of \
+         {without:.2}x"
     );
 }
 

@@ -146,6 +146,73 @@ fn a_running_prune_does_not_hold_up_a_new_sessions_first_send() {
 
 /// The open chunk has no per-row host-pair index (it halves small-packet throughput);
 /// prune() builds one per closed chunk, so audits by host pair stay indexed.
+/// The views show the counter tables' totals plus what shared memory counted beyond the
+/// mark each row was written with. A flush (prune's, or a send's once a second) that
+/// commits while a reader's snapshot is open neither drops nor doubles what the reader
+/// sees. (Before the marks, the soak saw `peer_stats` one packet short of the log: the
+/// reader's snapshot had the old row, shared memory the new flushed mark.)
+#[test]
+fn the_counters_stay_exact_while_a_flush_commits_under_a_readers_snapshot() {
+    let cluster = setup(&[("a", &[A4]), ("b", &[B4])]);
+    let mut su = cluster.superuser(DB);
+    let mut reader = cluster.superuser(DB);
+    let mut a = cluster.connect("a", DB);
+    let read = |c: &mut Client| -> (i64, i64, i64, f64) {
+        let row = c
+            .query_one(
+                "SELECT s.sent_packets, r.received_packets, s.rejected, \
+                        (SELECT value FROM pgvpn.metrics() \
+                          WHERE metric = 'pgvpn_sent_packets_total' AND peer = 'a') \
+                   FROM pgvpn.peer_stats s, pgvpn.peer_stats r \
+                  WHERE s.peer = 'a' AND r.peer = 'b'",
+                &[],
+            )
+            .unwrap_or_else(|e| panic!("read the counters: {}", db_error(&e)));
+        (row.get(0), row.get(1), row.get(2), row.get(3))
+    };
+    let good = |n: usize| -> Vec<Vec<u8>> {
+        (0..n)
+            .map(|i| udp_tagged(A4, B4, &format!("p{i}")))
+            .collect()
+    };
+    let spoofed = || vec![udp_tagged(B4, B4, "spoofed")];
+    let flush = |c: &mut Client| {
+        c.query_one("SELECT pgvpn.flush_counters()", &[])
+            .unwrap_or_else(|e| panic!("flush_counters(): {}", db_error(&e)));
+    };
+
+    assert_eq!(send(&mut a, &good(4)), 4);
+    send(&mut a, &spoofed());
+    flush(&mut su);
+    reader
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        .unwrap();
+    assert_eq!(read(&mut reader), (4, 4, 1, 4.0), "after the first flush");
+
+    assert_eq!(send(&mut a, &good(3)), 3);
+    send(&mut a, &spoofed());
+    // Shared memory is read live, so the old snapshot already sees the new packets...
+    assert_eq!(read(&mut reader), (7, 7, 2, 7.0), "sent, not flushed");
+    flush(&mut su);
+    // ...and keeps seeing them once a flush it cannot see has moved them to the tables.
+    assert_eq!(
+        read(&mut reader),
+        (7, 7, 2, 7.0),
+        "flushed after the reader's snapshot"
+    );
+    reader.batch_execute("COMMIT").unwrap();
+    assert_eq!(read(&mut reader), (7, 7, 2, 7.0), "a fresh snapshot");
+    assert_eq!(
+        scalar_i64(
+            &mut su,
+            "SELECT packets FROM pgvpn.traffic t JOIN pgvpn.peers p ON p.id = t.peer \
+              WHERE p.name = 'a' AND t.direction = 't'"
+        ),
+        7,
+        "the table holds every packet once"
+    );
+}
+
 #[test]
 fn closed_chunks_get_a_host_pair_index() {
     let cluster = setup(&[("a", &[A4]), ("b", &[B4])]);
