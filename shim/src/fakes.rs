@@ -60,6 +60,11 @@ impl FakeTun {
         lock(&self.rejects).push(p);
     }
 
+    /// Packets arrived and not read yet.
+    pub fn waiting(&self) -> usize {
+        lock(&self.inbox).len()
+    }
+
     /// Packets written to the device, in order.
     pub fn written(&self) -> Vec<Vec<u8>> {
         lock(&self.written).clone()
