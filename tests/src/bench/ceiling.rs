@@ -86,9 +86,19 @@ pub fn measure(cluster: &Cluster, size: usize, secs: f64) -> Result<Ceiling> {
             .map_err(|e| format!("pgvpn.send: {}", db_error(&e)))?
             .get(0);
         if n != packets.len() as i64 {
+            let mut su = cluster.superuser(DB);
+            let why: Option<String> = su
+                .query_one(
+                    "SELECT string_agg(peer || ' ' || reason || ' ' || packets, ', ') \
+                       FROM pgvpn.reject_totals",
+                    &[],
+                )
+                .map_err(|e| db_error(&e))?
+                .get(0);
             return Err(format!(
-                "pgvpn.send accepted {n} of {} packets",
-                packets.len()
+                "pgvpn.send accepted {n} of {} packets (rejects so far: {})",
+                packets.len(),
+                why.unwrap_or_else(|| "none".into())
             ));
         }
         sent += packets.len() as u64;

@@ -57,6 +57,9 @@ pub const BENCH_CONF: &[&str] = &[
     "min_wal_size = 1GB",
     "checkpoint_timeout = 15min",
     "checkpoint_completion_target = 0.9",
+    // The ceiling's bob reads only after 10 s of sending: at 64 B that is over 2M packets
+    // waiting, past the default limit of 1M (every send would then be rejected `backlog`).
+    "pgvpn.max_backlog = 0",
 ];
 
 /// Namespaces of other harness users (tests, the demo, another bench) that exist right
