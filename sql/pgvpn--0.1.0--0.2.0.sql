@@ -533,6 +533,16 @@ COMMENT ON VIEW flows IS 'pgvpn: packets and bytes per 5-tuple, first and last s
 -- per stream and second, by host, port or 5-tuple, newest first), then their packets by
 -- id range. The newest n packets lie within the newest n matching flow rows, each of
 -- which holds at least one of them.
+--
+-- The functions pin that plan: a nested loop into each chunk's id btree. On a big log the
+-- planner otherwise joins the flow rows to the packets with a hash join over a scan of
+-- every chunk (its estimate for an id range with unknown bounds is a third of the
+-- chunk): 1.4-1.8 s instead of milliseconds on 2M packets (docs/performance.md). The
+-- same estimate puts the pinned plan past jit_above_cost, and JIT then compiles for
+-- half a second to run a 15 ms query: no JIT either. Every condition on the packets
+-- refers to the flow row, none to a constant: with `dst_port = port` alone the planner
+-- could, and on 50M packets did, turn the loop round, scanning the whole log for the
+-- port and matching each packet against the flow rows (31 s instead of milliseconds).
 
 -- Every packet between two hosts, both directions, in a time range.
 CREATE FUNCTION packets_between(a inet, b inet, since timestamptz DEFAULT now() - interval '1 hour',
@@ -581,13 +591,14 @@ RETURNS SETOF packet_log
 LANGUAGE sql STABLE SET search_path = pg_catalog, pgvpn, pg_temp
     SET enable_hashjoin = off SET enable_mergejoin = off SET jit = off AS $$
     SELECT l.* FROM (
-        SELECT f.first_id, f.last_id, f.src_addr, f.dst_addr, f.protocol, f.src_port FROM flow_log f
+        SELECT f.first_id, f.last_id, f.src_addr, f.dst_addr, f.protocol, f.src_port, f.dst_port
+          FROM flow_log f
          WHERE f.dst_port = port ORDER BY f.last_id DESC LIMIT n) f
     CROSS JOIN LATERAL (
         SELECT * FROM packet_log k
          WHERE k.id BETWEEN f.first_id AND f.last_id
            AND k.src_addr = f.src_addr AND k.dst_addr = f.dst_addr
-           AND k.dst_port = port AND k.protocol = f.protocol
+           AND k.dst_port = f.dst_port AND k.protocol = f.protocol
            AND k.src_port IS NOT DISTINCT FROM f.src_port) l
     ORDER BY l.id DESC LIMIT n
 $$;
@@ -599,15 +610,16 @@ RETURNS SETOF packet_log
 LANGUAGE sql STABLE SET search_path = pg_catalog, pgvpn, pg_temp
     SET enable_hashjoin = off SET enable_mergejoin = off SET jit = off AS $$
     SELECT l.* FROM (
-        SELECT f.first_id, f.last_id FROM flow_log f
+        SELECT f.first_id, f.last_id, f.src_addr, f.dst_addr, f.src_port, f.dst_port, f.protocol
+          FROM flow_log f
          WHERE f.src_addr = src AND f.dst_addr = dst AND f.src_port = flow_packets.src_port
            AND f.dst_port = flow_packets.dst_port AND f.protocol = flow_packets.protocol
          ORDER BY f.last_id DESC LIMIT n) f
     CROSS JOIN LATERAL (
         SELECT * FROM packet_log k
          WHERE k.id BETWEEN f.first_id AND f.last_id
-           AND k.src_addr = src AND k.dst_addr = dst AND k.src_port = flow_packets.src_port
-           AND k.dst_port = flow_packets.dst_port AND k.protocol = flow_packets.protocol) l
+           AND k.src_addr = f.src_addr AND k.dst_addr = f.dst_addr AND k.src_port = f.src_port
+           AND k.dst_port = f.dst_port AND k.protocol = f.protocol) l
     ORDER BY l.id DESC LIMIT n
 $$;
 
