@@ -76,11 +76,14 @@ pub fn environment(cluster: &pgvpn_tests::Cluster, db: &str, started: u64) -> En
         "fsync",
         "pgvpn.max_backlog",
     ];
-    names.extend(
-        super::topology::BENCH_CONF
-            .iter()
-            .filter_map(|l| l.split(" = ").next()),
-    );
+    for n in super::topology::BENCH_CONF
+        .iter()
+        .filter_map(|l| l.split(" = ").next())
+    {
+        if !names.contains(&n) {
+            names.push(n);
+        }
+    }
     let pg_settings = names
         .iter()
         .filter_map(|n| Some((n.to_string(), show(n)?)))
@@ -435,7 +438,7 @@ impl Table<'_> {
             let _ = writeln!(
                 o,
                 "{:<32}{}",
-                format!("log check run {run}, {what}"),
+                format!("log check run {run}, {what}: "),
                 v.text
             );
         }
