@@ -41,16 +41,18 @@ pub fn _live_counters() -> TableIterator<
     let rows: Vec<_> = shmem::slots_of(peers_rel())
         .map(|(peer, s)| {
             let l = &s.live;
+            // Read once: the backlog is from the same count as the column.
+            let rx_packets = l.rx_packets.load(Relaxed);
             (
                 peer,
                 s.epoch.load(Relaxed),
                 l.tx_packets.load(Relaxed),
                 l.tx_bytes.load(Relaxed),
-                l.rx_packets.load(Relaxed),
+                rx_packets,
                 l.rx_bytes.load(Relaxed),
                 l.tx_at.load(Relaxed),
                 l.rx_at.load(Relaxed),
-                (l.rx_packets.load(Relaxed) - s.rx_acked.load(Relaxed)).max(0),
+                (rx_packets - s.rx_acked.load(Relaxed)).max(0),
             )
         })
         .collect();
