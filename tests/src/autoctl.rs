@@ -464,14 +464,7 @@ impl Drop for Autoctl<'_> {
             );
         }
         self.stop();
-        if std::env::var_os("PGVPN_KEEP_CLUSTER").is_none() {
-            let _ = fs::remove_dir_all(&self.dir);
-        } else {
-            eprintln!(
-                "[autoctl] keeping {} (PGVPN_KEEP_CLUSTER)",
-                self.dir.display()
-            );
-        }
+        crate::util::remove_dir_unless_kept(&self.dir, "autoctl");
     }
 }
 

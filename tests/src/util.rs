@@ -158,6 +158,16 @@ pub fn workspace_dir() -> PathBuf {
         .to_path_buf()
 }
 
+/// Removes `dir` at the end of a test or program, unless `PGVPN_KEEP_CLUSTER` is set
+/// (then says so, as `[who]`, for a look afterwards).
+pub fn remove_dir_unless_kept(dir: &Path, who: &str) {
+    if std::env::var_os("PGVPN_KEEP_CLUSTER").is_none() {
+        let _ = std::fs::remove_dir_all(dir);
+    } else {
+        eprintln!("[{who}] keeping {} (PGVPN_KEEP_CLUSTER)", dir.display());
+    }
+}
+
 /// The cargo target directory: `$CARGO_TARGET_DIR`, else `<workspace>/target`.
 pub fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")

@@ -66,6 +66,44 @@ pub fn batch(size: usize) -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// `batch` sent by `client` in `db` back to back for `limit`; returns the packets sent.
+/// Every packet must be accepted: a short accept is an error that lists the rejects.
+pub fn send_for(
+    cluster: &Cluster,
+    db: &str,
+    client: &mut postgres::Client,
+    batch: &[Vec<u8>],
+    limit: Duration,
+) -> Result<u64> {
+    let t = Instant::now();
+    let mut sent = 0u64;
+    while t.elapsed() < limit {
+        check_interrupt()?;
+        let n: i64 = client
+            .query_one(pgvpn_core::sql::SEND, &[&batch])
+            .map_err(|e| format!("pgvpn.send in {db}: {}", db_error(&e)))?
+            .get(0);
+        if n != batch.len() as i64 {
+            let why: Option<String> = cluster
+                .superuser(db)
+                .query_one(
+                    "SELECT string_agg(peer || ' ' || reason || ' ' || packets, ', ') \
+                       FROM pgvpn.reject_totals",
+                    &[],
+                )
+                .map_err(|e| db_error(&e))?
+                .get(0);
+            return Err(format!(
+                "pgvpn.send in {db} accepted {n} of {} packets (rejects so far: {})",
+                batch.len(),
+                why.unwrap_or_else(|| "none".into())
+            ));
+        }
+        sent += batch.len() as u64;
+    }
+    Ok(sent)
+}
+
 /// Send for `secs`, then read back for at most `secs`. Afterwards bob's cursor is moved
 /// past everything sent, so bob's shim starts the next session with nothing queued.
 pub fn measure(cluster: &Cluster, size: usize, secs: f64) -> Result<Ceiling> {
@@ -78,31 +116,7 @@ pub fn measure(cluster: &Cluster, size: usize, secs: f64) -> Result<Ceiling> {
     let postmaster = cluster.postmaster_pid();
     let cpu_before = postmaster.map(sample_tree);
     let t = Instant::now();
-    let mut sent = 0u64;
-    while t.elapsed() < limit {
-        check_interrupt()?;
-        let n: i64 = alice
-            .query_one(pgvpn_core::sql::SEND, &[&packets])
-            .map_err(|e| format!("pgvpn.send: {}", db_error(&e)))?
-            .get(0);
-        if n != packets.len() as i64 {
-            let mut su = cluster.superuser(DB);
-            let why: Option<String> = su
-                .query_one(
-                    "SELECT string_agg(peer || ' ' || reason || ' ' || packets, ', ') \
-                       FROM pgvpn.reject_totals",
-                    &[],
-                )
-                .map_err(|e| db_error(&e))?
-                .get(0);
-            return Err(format!(
-                "pgvpn.send accepted {n} of {} packets (rejects so far: {})",
-                packets.len(),
-                why.unwrap_or_else(|| "none".into())
-            ));
-        }
-        sent += packets.len() as u64;
-    }
+    let sent = send_for(cluster, DB, &mut alice, &packets, limit)?;
     let send_secs = t.elapsed().as_secs_f64();
     let send_db_cpu_s = postmaster
         .zip(cpu_before)

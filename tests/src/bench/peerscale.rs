@@ -5,7 +5,7 @@
 //! so that both see the same machine.
 
 use super::topology::{ALICE, BOB};
-use super::{check_interrupt, Result};
+use super::{ceiling, Result};
 use pgvpn_tests::sql::{add_peer, scalar_i64};
 use pgvpn_tests::{db_error, packet, Cluster};
 use std::time::{Duration, Instant};
@@ -65,19 +65,14 @@ pub fn batch() -> Vec<Vec<u8>> {
 pub fn send_rate(cluster: &Cluster, db: &str, secs: f64) -> Result<f64> {
     let packets = batch();
     let mut alice = cluster.connect("alice", db);
-    let (t, limit) = (Instant::now(), Duration::from_secs_f64(secs));
-    let mut sent = 0u64;
-    while t.elapsed() < limit {
-        check_interrupt()?;
-        let n: i64 = alice
-            .query_one(pgvpn_core::sql::SEND, &[&packets])
-            .map_err(|e| format!("send in {db}: {}", db_error(&e)))?
-            .get(0);
-        if n != BATCH as i64 {
-            return Err(format!("send in {db} accepted {n} of {BATCH}"));
-        }
-        sent += BATCH as u64;
-    }
+    let t = Instant::now();
+    let sent = ceiling::send_for(
+        cluster,
+        db,
+        &mut alice,
+        &packets,
+        Duration::from_secs_f64(secs),
+    )?;
     let rate = sent as f64 / t.elapsed().as_secs_f64();
     let newest = scalar_i64(
         &mut cluster.superuser(db),

@@ -7,7 +7,7 @@ use super::plan::{Metrics, RunResult, Settings};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// Per metric, the median over the runs that produced it.
 pub fn medians(runs: &[RunResult]) -> Metrics {
@@ -687,23 +687,15 @@ pub fn to_json(
     })
 }
 
-/// Write `bench-<stamp>.json` and `latest.json` into `dir`; returns the first path.
-pub fn write_json(dir: &Path, stamp: &str, v: &Value) -> std::io::Result<PathBuf> {
-    std::fs::create_dir_all(dir)?;
+/// Writes a report to `<target>/bench/<prefix>-<stamp>.json` (the stamp from `started`)
+/// and a copy to `<target>/bench/<latest>`; returns the first path.
+pub fn save(prefix: &str, latest: &str, started: u64, v: &Value) -> std::io::Result<PathBuf> {
+    let dir = pgvpn_tests::util::target_dir().join("bench");
+    std::fs::create_dir_all(&dir)?;
     let text = serde_json::to_string_pretty(v).expect("serialize") + "\n";
-    let path = dir.join(format!("bench-{stamp}.json"));
+    let path = dir.join(format!("{prefix}-{}.json", timestamps(started).1));
     std::fs::write(&path, &text)?;
-    std::fs::write(dir.join("latest.json"), &text)?;
-    Ok(path)
-}
-
-/// Write `<prefix>-<stamp>.json` and `<prefix>-latest.json` into `dir`; returns the first.
-pub fn write_json_as(dir: &Path, prefix: &str, stamp: &str, v: &Value) -> std::io::Result<PathBuf> {
-    std::fs::create_dir_all(dir)?;
-    let text = serde_json::to_string_pretty(v).expect("serialize") + "\n";
-    let path = dir.join(format!("{prefix}-{stamp}.json"));
-    std::fs::write(&path, &text)?;
-    std::fs::write(dir.join(format!("{prefix}-latest.json")), &text)?;
+    std::fs::write(dir.join(latest), &text)?;
     Ok(path)
 }
 

@@ -26,7 +26,6 @@ use bench::report::{self, Table};
 use bench::topology::{Direct, Tunnel, DB};
 use bench::{interrupted, Scratch};
 use pgvpn_core::limits::{DEFAULT_MTU, MAX_PACKET, MIN_MTU_IPV6};
-use pgvpn_tests::util;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 const USAGE: &str = "usage: bench [--runs N] [--seconds S] [--quick] [--jumbo-mtu M]
@@ -230,8 +229,7 @@ fn run(settings: &Settings) -> i32 {
     json["ok"] = ok.into();
     json["duration_s"] = t0.elapsed().as_secs_f64().into();
     json["table"] = table.clone().into();
-    let target = util::target_dir();
-    match report::write_json(&target.join("bench"), &report::timestamps(started).1, &json) {
+    match report::save("bench", "latest.json", started, &json) {
         Ok(p) => println!(
             "JSON: {} (and latest.json); took {:.0} s",
             p.display(),

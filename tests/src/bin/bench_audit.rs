@@ -32,7 +32,7 @@ use bench::topology::BENCH_CONF;
 use bench::{flowcase, report, sleep};
 use pgvpn_tests::cluster::ClusterOptions;
 use pgvpn_tests::sql::{create_auditor, scalar_i64};
-use pgvpn_tests::{db_error, util, Cluster};
+use pgvpn_tests::{db_error, Cluster};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
@@ -270,9 +270,7 @@ fn run(s: &Settings) -> i32 {
         "duration_s": t0.elapsed().as_secs_f64(),
         "table": table,
     });
-    let target = util::target_dir();
-    let stamp = report::timestamps(started).1;
-    match report::write_json_as(&target.join("bench"), "audit", &stamp, &json) {
+    match report::save("audit", "audit-latest.json", started, &json) {
         Ok(p) => println!(
             "JSON: {} (and audit-latest.json); took {:.0} s",
             p.display(),

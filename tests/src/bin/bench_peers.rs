@@ -28,7 +28,7 @@ use bench::{check_interrupt, interrupted, Result};
 use pgvpn_core::sql::quote_ident;
 use pgvpn_tests::cluster::ClusterOptions;
 use pgvpn_tests::sql::create_peer;
-use pgvpn_tests::{db_error, packet, util, Cluster, Rng};
+use pgvpn_tests::{db_error, packet, Cluster, Rng};
 use postgres::fallible_iterator::FallibleIterator;
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -313,9 +313,7 @@ fn run(s: &Settings) -> i32 {
         "duration_s": t0.elapsed().as_secs_f64(),
         "table": table,
     });
-    let target = util::target_dir();
-    let stamp = report::timestamps(started).1;
-    match report::write_json_as(&target.join("bench"), "peers", &stamp, &json) {
+    match report::save("peers", "peers-latest.json", started, &json) {
         Ok(p) => println!("JSON: {} (and peers-latest.json)", p.display()),
         Err(e) => {
             eprintln!("bench-peers: cannot write the JSON report: {e}");
