@@ -19,5 +19,5 @@ GRANT EXECUTE ON FUNCTION decode(bytea), _ts(bigint), _beyond(bigint, bigint, bi
     _live_counters(), _live_rejects(),
     log_generation(), log_wait(bigint, int), metrics(),
     packets_between(inet, inet, timestamptz, timestamptz), host_packets(inet, int),
-    port_packets(int, int), flow_packets(inet, int, inet, int, int, int)
+    port_packets(int, int), flow_packets(inet, int, inet, int, int, int), top_flows(int)
     TO pgvpn_auditor;

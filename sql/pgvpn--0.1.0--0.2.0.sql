@@ -62,9 +62,48 @@ CREATE TABLE flow_log (
 ) PARTITION BY RANGE (first_id);
 COMMENT ON TABLE flow_log IS 'pgvpn: per transaction and flow: packets, bytes, flags, id range (the audit index)';
 
+-- Flow summaries: the flow index rolled up per chunk and flow by prune() (_summarize in
+-- retention.sql), so that per-flow totals (pgvpn.flows, pgvpn.top_flows) read one row per
+-- flow and chunk instead of one per transaction, and the top flows come from an index
+-- on bytes. Flow rows with first_id up to flow_rollup.summarized_to are in here; newer
+-- ones are added live by the views, so the totals are exact at any moment. Ports are
+-- -1 where the packets have none (a key column must be NOT NULL to be matched by
+-- plain equality). Chunked like the log, and dropped with it.
+CREATE TABLE flow_sums (
+    chunk      int NOT NULL,
+    src_peer   int NOT NULL,
+    dst_peer   int NOT NULL,
+    ip_version smallint NOT NULL,
+    protocol   smallint NOT NULL,
+    src_addr   inet NOT NULL,
+    dst_addr   inet NOT NULL,
+    src_port   int NOT NULL,          -- -1: none
+    dst_port   int NOT NULL,          -- -1: none
+    packets    bigint NOT NULL,
+    bytes      bigint NOT NULL,
+    first_seen timestamptz NOT NULL,
+    last_seen  timestamptz NOT NULL,
+    tcp_flags  smallint,
+    syns       bigint NOT NULL,
+    first_id   bigint NOT NULL,
+    last_id    bigint NOT NULL
+) PARTITION BY RANGE (chunk);
+COMMENT ON TABLE flow_sums IS 'pgvpn: the flow index per chunk and flow, rolled up by prune() (ports -1 = none)';
+
+-- How far the flow index is rolled up into flow_sums. At most one row; none means
+-- nothing yet (no row is inserted here, so a restore brings back exactly the dumped one).
+CREATE TABLE flow_rollup (
+    one           boolean PRIMARY KEY DEFAULT true CHECK (one),
+    summarized_to bigint NOT NULL,    -- flow rows with first_id <= this are in flow_sums
+    at            timestamptz NOT NULL
+);
+COMMENT ON TABLE flow_rollup IS 'pgvpn: flow rows up to summarized_to are rolled up into flow_sums';
+
 ALTER TABLE chunks ADD COLUMN flow_relid regclass;  -- filled in step 4, then NOT NULL
-COMMENT ON TABLE chunks IS 'pgvpn: the partitions of pgvpn.packets and pgvpn.flow_log, for pgvpn.prune()';
+ALTER TABLE chunks ADD COLUMN sums_relid regclass;  -- filled in step 4, then NOT NULL
+COMMENT ON TABLE chunks IS 'pgvpn: the partitions of pgvpn.packets, pgvpn.flow_log and pgvpn.flow_sums, for pgvpn.prune()';
 SELECT pg_catalog.pg_extension_config_dump('chunks', '');
+SELECT pg_catalog.pg_extension_config_dump('flow_rollup', '');
 SELECT pg_catalog.pg_extension_config_dump('reject_counts', '');
 SELECT pg_catalog.pg_extension_config_dump('reject_samples', '');
 SELECT pg_catalog.pg_extension_config_dump('packet_id', '');
@@ -171,6 +210,7 @@ LANGUAGE plpgsql SET search_path = pg_catalog, pgvpn, pg_temp AS $$
 DECLARE
     rel text := pgvpn._chunk_name(k);
     frel text := replace(pgvpn._chunk_name(k), 'packets_', 'flows_');
+    srel text := replace(pgvpn._chunk_name(k), 'packets_', 'sums_');
     lo bigint := k::bigint << 40;
 BEGIN
     -- toast_tuple_target = max: a packet up to ~8 KB stays inline (no TOAST side table),
@@ -190,17 +230,31 @@ BEGIN
     EXECUTE format('CREATE INDEX %I ON pgvpn.%I (src_addr, last_id)', frel || '_src', frel);
     EXECUTE format('CREATE INDEX %I ON pgvpn.%I (dst_addr, last_id)', frel || '_dst', frel);
     EXECUTE format('CREATE INDEX %I ON pgvpn.%I (dst_port, last_id)', frel || '_port', frel);
+    -- One conversation (host pair, ports), newest first: packets_between, flow_packets.
+    EXECUTE format('CREATE INDEX %I ON pgvpn.%I (src_addr, dst_addr, dst_port, src_port, last_id)',
+                   frel || '_pair', frel);
     EXECUTE format('CREATE INDEX %I ON pgvpn.%I USING brin (at, first_id)', frel || '_time', frel);
     EXECUTE format('GRANT SELECT ON pgvpn.%I TO pgvpn_auditor', frel);
     EXECUTE format('ALTER TABLE pgvpn.flow_log ATTACH PARTITION pgvpn.%I FOR VALUES FROM (%s) TO (%s)',
                    frel, lo, lo + (1::bigint << 40));
+    -- Its flow summaries: one row per flow (what the upserts of _summarize match), and
+    -- the biggest first (top_flows).
+    EXECUTE format('CREATE TABLE pgvpn.%I (LIKE pgvpn.flow_sums INCLUDING DEFAULTS)', srel);
+    EXECUTE format('CREATE UNIQUE INDEX %I ON pgvpn.%I'
+                   ' (src_addr, dst_addr, src_port, dst_port, protocol, src_peer, dst_peer, ip_version)',
+                   srel || '_flow', srel);
+    EXECUTE format('CREATE INDEX %I ON pgvpn.%I (bytes DESC)', srel || '_bytes', srel);
+    EXECUTE format('GRANT SELECT ON pgvpn.%I TO pgvpn_auditor', srel);
+    EXECUTE format('ALTER TABLE pgvpn.flow_sums ATTACH PARTITION pgvpn.%I FOR VALUES FROM (%s) TO (%s)',
+                   srel, k, k + 1);
     -- Auditors read everything, also a chunk directly (through pgvpn.packets the
     -- parent's grant suffices).
     EXECUTE format('GRANT SELECT ON pgvpn.%I TO pgvpn_auditor', rel);
     EXECUTE format('ALTER TABLE pgvpn.packets ATTACH PARTITION pgvpn.%I FOR VALUES FROM (%s) TO (%s)',
                    rel, lo, lo + (1::bigint << 40));
-    INSERT INTO pgvpn.chunks (chunk, relid, flow_relid)
-    VALUES (k, format('pgvpn.%I', rel)::regclass, format('pgvpn.%I', frel)::regclass);
+    INSERT INTO pgvpn.chunks (chunk, relid, flow_relid, sums_relid)
+    VALUES (k, format('pgvpn.%I', rel)::regclass, format('pgvpn.%I', frel)::regclass,
+            format('pgvpn.%I', srel)::regclass);
     RETURN format('pgvpn.%I', rel)::regclass;
 END
 $$;
@@ -246,6 +300,73 @@ BEGIN
 END
 $$;
 
+-- Rolls the flow rows logged since the last run up into flow_sums (one row per chunk and
+-- flow), up to the highest id handed out so far: h. Exact, because it waits until every
+-- row with an id up to h is committed or rolled back. Ids are taken only under a
+-- receiver's ordering lock, held to the end of the commit, which is visible before the
+-- lock goes (send.rs). So a transaction that took ids up to h and has not finished holds
+-- an ordering lock when we look, after reading h; once every such holder has ended, a new
+-- statement (a new snapshot: READ COMMITTED only) sees all of its rows. A holder is in
+-- its commit, so this takes milliseconds; it waits at most wait_ms and otherwise leaves
+-- the rollup to the next run. Returns the summary rows written. Called by _prune, under
+-- its lock on chunks (one at a time).
+CREATE FUNCTION _summarize(wait_ms int) RETURNS bigint
+LANGUAGE plpgsql SET search_path = pg_catalog, pgvpn, pg_temp AS $$
+DECLARE
+    w bigint := coalesce((SELECT summarized_to FROM flow_rollup), 0);
+    h bigint;
+    holders text[];
+    deadline timestamptz := clock_timestamp() + wait_ms * interval '1 ms';
+    c chunks;
+    written bigint;
+    total bigint := 0;
+BEGIN
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE NOTICE 'pgvpn.prune: the flow summaries are rolled up only under READ COMMITTED (this is %); skipped',
+            current_setting('transaction_isolation');
+        RETURN 0;
+    END IF;
+    SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END INTO h FROM packet_id;
+    IF h <= w THEN
+        RETURN 0;
+    END IF;
+    SELECT array_agg(DISTINCT l.virtualtransaction) INTO holders
+      FROM pg_locks l
+     WHERE l.locktype = 'object' AND l.classid = 'pgvpn.peers'::regclass AND l.objid <> 0
+       AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+       AND l.granted AND l.pid IS DISTINCT FROM pg_backend_pid();
+    WHILE EXISTS (SELECT FROM pg_locks l WHERE l.locktype = 'virtualxid' AND l.virtualxid = ANY (holders)) LOOP
+        IF clock_timestamp() > deadline THEN
+            RAISE LOG 'pgvpn.prune: a sender is still committing after %ms; the flow summaries wait for a later run',
+                wait_ms;
+            RETURN 0;
+        END IF;
+        PERFORM pg_sleep(0.001);
+    END LOOP;
+    FOR c IN SELECT * FROM chunks WHERE chunk BETWEEN _chunk_of(w + 1) AND _chunk_of(h) ORDER BY chunk LOOP
+        EXECUTE format(
+            'INSERT INTO %s AS s SELECT %s, src_peer, dst_peer, ip_version, protocol, src_addr, dst_addr,'
+            '       coalesce(src_port, -1), coalesce(dst_port, -1), sum(packets), sum(bytes), min(at), max(at),'
+            '       bit_or(tcp_flags), sum(syns), min(first_id), max(last_id)'
+            '  FROM %s WHERE first_id > $1 AND first_id <= $2'
+            ' GROUP BY src_peer, dst_peer, ip_version, protocol, src_addr, dst_addr, src_port, dst_port'
+            ' ON CONFLICT (src_addr, dst_addr, src_port, dst_port, protocol, src_peer, dst_peer, ip_version) DO UPDATE'
+            '   SET packets = s.packets + excluded.packets, bytes = s.bytes + excluded.bytes,'
+            '       first_seen = least(s.first_seen, excluded.first_seen),'
+            '       last_seen = greatest(s.last_seen, excluded.last_seen),'
+            '       tcp_flags = coalesce(s.tcp_flags | excluded.tcp_flags, s.tcp_flags, excluded.tcp_flags),'
+            '       syns = s.syns + excluded.syns, first_id = least(s.first_id, excluded.first_id),'
+            '       last_id = greatest(s.last_id, excluded.last_id)',
+            c.sums_relid, c.chunk, c.flow_relid) USING w, h;
+        GET DIAGNOSTICS written = ROW_COUNT;
+        total := total + written;
+    END LOOP;
+    INSERT INTO flow_rollup AS r (summarized_to, at) VALUES (h, clock_timestamp())
+        ON CONFLICT (one) DO UPDATE SET summarized_to = excluded.summarized_to, at = excluded.at;
+    RETURN total;
+END
+$$;
+
 CREATE OR REPLACE FUNCTION _prune(retention interval, chunk_interval interval, lock_wait_ms int) RETURNS int
 LANGUAGE plpgsql SET search_path = pg_catalog, pgvpn, pg_temp AS $$
 DECLARE
@@ -259,6 +380,7 @@ DECLARE
 BEGIN
     LOCK TABLE chunks IN SHARE ROW EXCLUSIVE MODE;  -- one prune at a time
     PERFORM _ensure_chunks();
+    PERFORM _summarize(lock_wait_ms);
     PERFORM set_config('lock_timeout', lock_wait_ms || 'ms', true);
     cur := _chunk_of((SELECT last_value FROM packet_id));
     -- Ready means committed: created by an earlier transaction, not by this one.
@@ -282,7 +404,7 @@ BEGIN
                 '          FROM %s k JOIN pgvpn.cursors c2 ON c2.peer = k.dst_peer AND k.id > c2.acked_id'
                 '         GROUP BY k.dst_peer) x'
                 ' WHERE c.peer = x.dst_peer', old.relid);
-            EXECUTE format('DROP TABLE %s, %s', old.relid, old.flow_relid);
+            EXECUTE format('DROP TABLE %s, %s, %s', old.relid, old.flow_relid, old.sums_relid);
             DELETE FROM chunks WHERE chunk = old.chunk;
             dropped := dropped + 1;
         EXCEPTION WHEN lock_not_available THEN
@@ -449,11 +571,13 @@ DECLARE
     c record;
     rel text;
     frel text;
+    srel text;
     lo bigint;
 BEGIN
     FOR c IN SELECT chunk, relid FROM pgvpn.chunks ORDER BY chunk LOOP
         rel := (SELECT relname FROM pg_class WHERE oid = c.relid);
         frel := replace(rel, 'packets_', 'flows_');
+        srel := replace(rel, 'packets_', 'sums_');
         lo := c.chunk::bigint << 40;
         EXECUTE format('CREATE INDEX %I ON pgvpn.%I (dst_peer, id)', rel || '_delivery', rel);
         EXECUTE format('CREATE INDEX %I ON pgvpn.%I (id)', rel || '_id', rel);
@@ -471,13 +595,26 @@ BEGIN
         EXECUTE format('CREATE INDEX %I ON pgvpn.%I (src_addr, last_id)', frel || '_src', frel);
         EXECUTE format('CREATE INDEX %I ON pgvpn.%I (dst_addr, last_id)', frel || '_dst', frel);
         EXECUTE format('CREATE INDEX %I ON pgvpn.%I (dst_port, last_id)', frel || '_port', frel);
+        EXECUTE format('CREATE INDEX %I ON pgvpn.%I (src_addr, dst_addr, dst_port, src_port, last_id)',
+                       frel || '_pair', frel);
         EXECUTE format('CREATE INDEX %I ON pgvpn.%I USING brin (at, first_id)', frel || '_time', frel);
         EXECUTE format('GRANT SELECT ON pgvpn.%I TO pgvpn_auditor', frel);
         EXECUTE format('ALTER TABLE pgvpn.flow_log ATTACH PARTITION pgvpn.%I FOR VALUES FROM (%s) TO (%s)',
                        frel, lo, lo + (1::bigint << 40));
-        -- Made inside this script, so a member: no, it is data.
+        -- Its flow summaries start empty: the first prune() rolls the flow rows up.
+        EXECUTE format('CREATE TABLE pgvpn.%I (LIKE pgvpn.flow_sums INCLUDING DEFAULTS)', srel);
+        EXECUTE format('CREATE UNIQUE INDEX %I ON pgvpn.%I'
+                       ' (src_addr, dst_addr, src_port, dst_port, protocol, src_peer, dst_peer, ip_version)',
+                       srel || '_flow', srel);
+        EXECUTE format('CREATE INDEX %I ON pgvpn.%I (bytes DESC)', srel || '_bytes', srel);
+        EXECUTE format('GRANT SELECT ON pgvpn.%I TO pgvpn_auditor', srel);
+        EXECUTE format('ALTER TABLE pgvpn.flow_sums ATTACH PARTITION pgvpn.%I FOR VALUES FROM (%s) TO (%s)',
+                       srel, c.chunk, c.chunk + 1);
+        -- Made inside this script, so members: no, they are data.
         EXECUTE format('ALTER EXTENSION pgvpn DROP TABLE pgvpn.%I', frel);
-        UPDATE pgvpn.chunks SET flow_relid = format('pgvpn.%I', frel)::regclass WHERE chunk = c.chunk;
+        EXECUTE format('ALTER EXTENSION pgvpn DROP TABLE pgvpn.%I', srel);
+        UPDATE pgvpn.chunks SET flow_relid = format('pgvpn.%I', frel)::regclass,
+                                sums_relid = format('pgvpn.%I', srel)::regclass WHERE chunk = c.chunk;
         IF EXISTS (SELECT FROM pg_depend WHERE classid = 'pg_class'::regclass
                       AND objid = c.relid AND deptype = 'e') THEN
             EXECUTE format('ALTER EXTENSION pgvpn DROP TABLE pgvpn.%I', rel);
@@ -486,6 +623,7 @@ BEGIN
 END
 $$;
 ALTER TABLE chunks ALTER COLUMN flow_relid SET NOT NULL;
+ALTER TABLE chunks ALTER COLUMN sums_relid SET NOT NULL;
 -- The partitioned indexes and the child indexes 0.1.0 attached to them.
 DROP INDEX packets_delivery, packets_time;
 -- One spare was enough in 0.1.0; 0.2.0 keeps two (prune() adds the second).
@@ -513,21 +651,105 @@ SELECT coalesce(c.peer, l.peer) AS peer, coalesce(c.reason, l.reason) AS reason,
   FULL JOIN _live_rejects() l ON l.peer = c.peer AND l.reason = c.reason;
 
 -- One row per 5-tuple and direction (ports are NULL for ICMP and fragments), from the
--- flow index: it reads the flow rows, never the packets.
+-- flow index: it never reads the packets. The rolled-up part (flow_sums, up to
+-- flow_rollup.summarized_to) plus the flow rows logged since, so it is exact whenever it
+-- is read; prune() keeps the second part small.
 CREATE VIEW flows AS
 SELECT s.name AS src_peer, d.name AS dst_peer, f.ip_version, f.protocol,
-       f.src_addr, f.src_port, f.dst_addr, f.dst_port,
+       f.src_addr, nullif(f.src_port, -1) AS src_port, f.dst_addr, nullif(f.dst_port, -1) AS dst_port,
        f.packets, f.bytes, f.first_seen, f.last_seen, f.tcp_flags, f.syns, f.first_id, f.last_id
   FROM (SELECT src_peer, dst_peer, ip_version, protocol, src_addr, src_port, dst_addr, dst_port,
                sum(packets)::bigint AS packets, sum(bytes)::numeric AS bytes,
-               min(at) AS first_seen, max(at) AS last_seen,
+               min(first_seen) AS first_seen, max(last_seen) AS last_seen,
                bit_or(tcp_flags) AS tcp_flags, sum(syns)::bigint AS syns,
                min(first_id) AS first_id, max(last_id) AS last_id
-          FROM flow_log
+          FROM (SELECT src_peer, dst_peer, ip_version, protocol, src_addr, src_port, dst_addr, dst_port,
+                       packets, bytes, first_seen, last_seen, tcp_flags, syns, first_id, last_id
+                  FROM flow_sums
+                UNION ALL
+                SELECT src_peer, dst_peer, ip_version, protocol, src_addr, coalesce(src_port, -1),
+                       dst_addr, coalesce(dst_port, -1), packets, bytes, at, at, tcp_flags, syns, first_id, last_id
+                  FROM flow_log
+                 WHERE first_id > coalesce((SELECT summarized_to FROM flow_rollup), 0)) u
          GROUP BY src_peer, dst_peer, ip_version, protocol, src_addr, src_port, dst_addr, dst_port) f
   JOIN peers s ON s.id = f.src_peer
   JOIN peers d ON d.id = f.dst_peer;
 COMMENT ON VIEW flows IS 'pgvpn: packets and bytes per 5-tuple, first and last seen (from the flow index)';
+
+-- The n flows of pgvpn.flows with the most bytes, without totalling every flow: the
+-- candidates are each chunk's biggest summaries (an index on bytes) and every flow
+-- logged since the last rollup; their totals are exact. A flow that is not a candidate
+-- has, in each chunk where it appears, at most that chunk's smallest candidate (the chunk
+-- was cut off at `depth` rows), and nothing unsummarized; so its total is at most the
+-- sum of those cut-off values. Once the n-th candidate reaches that bound, no other flow
+-- can beat it; until then the depth grows. Ties come in any order.
+CREATE FUNCTION top_flows(n int DEFAULT 10)
+RETURNS SETOF flows
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pgvpn, pg_temp
+    SET enable_hashjoin = off SET enable_mergejoin = off SET jit = off AS $$
+DECLARE
+    w bigint := coalesce((SELECT summarized_to FROM flow_rollup), 0);
+    depth bigint := 4 * n;
+    bound numeric;
+    cut boolean;
+    nth numeric;
+    result flows[];
+BEGIN
+    IF n IS NULL OR n < 1 OR n > 100000 THEN
+        RAISE EXCEPTION 'pgvpn: top_flows(n) needs n between 1 and 100000 (got %)', n
+            USING ERRCODE = '22023';
+    END IF;
+    LOOP
+        WITH tops AS (
+            SELECT c.chunk, t.src_peer, t.dst_peer, t.ip_version, t.protocol, t.src_addr, t.src_port,
+                   t.dst_addr, t.dst_port, t.bytes,
+                   count(*) OVER (PARTITION BY c.chunk) AS got, min(t.bytes) OVER (PARTITION BY c.chunk) AS low
+              FROM chunks c
+             CROSS JOIN LATERAL (SELECT * FROM flow_sums s WHERE s.chunk = c.chunk
+                                  ORDER BY s.bytes DESC LIMIT depth) t),
+        tail AS (
+            SELECT f.src_peer, f.dst_peer, f.ip_version, f.protocol, f.src_addr, coalesce(f.src_port, -1) AS src_port,
+                   f.dst_addr, coalesce(f.dst_port, -1) AS dst_port, f.packets, f.bytes, f.at,
+                   f.tcp_flags, f.syns, f.first_id, f.last_id
+              FROM flow_log f WHERE f.first_id > w),
+        cand AS (
+            SELECT src_peer, dst_peer, ip_version, protocol, src_addr, src_port, dst_addr, dst_port FROM tops
+            UNION
+            SELECT src_peer, dst_peer, ip_version, protocol, src_addr, src_port, dst_addr, dst_port FROM tail),
+        totals AS (
+            SELECT u.src_peer, u.dst_peer, u.ip_version, u.protocol, u.src_addr, u.src_port, u.dst_addr, u.dst_port,
+                   sum(u.packets)::bigint AS packets, sum(u.bytes)::numeric AS bytes,
+                   min(u.first_seen) AS first_seen, max(u.last_seen) AS last_seen,
+                   bit_or(u.tcp_flags) AS tcp_flags, sum(u.syns)::bigint AS syns,
+                   min(u.first_id) AS first_id, max(u.last_id) AS last_id
+              FROM (SELECT s.src_peer, s.dst_peer, s.ip_version, s.protocol, s.src_addr, s.src_port, s.dst_addr,
+                           s.dst_port, s.packets, s.bytes, s.first_seen, s.last_seen, s.tcp_flags, s.syns,
+                           s.first_id, s.last_id
+                      FROM cand k JOIN flow_sums s
+                        ON s.src_addr = k.src_addr AND s.dst_addr = k.dst_addr AND s.src_port = k.src_port
+                       AND s.dst_port = k.dst_port AND s.protocol = k.protocol AND s.src_peer = k.src_peer
+                       AND s.dst_peer = k.dst_peer AND s.ip_version = k.ip_version
+                    UNION ALL
+                    SELECT src_peer, dst_peer, ip_version, protocol, src_addr, src_port, dst_addr, dst_port,
+                           packets, bytes, at, at, tcp_flags, syns, first_id, last_id FROM tail) u
+             GROUP BY u.src_peer, u.dst_peer, u.ip_version, u.protocol, u.src_addr, u.src_port, u.dst_addr, u.dst_port
+             ORDER BY bytes DESC LIMIT n),
+        named AS (
+            SELECT (ps.name, pd.name, t.ip_version, t.protocol, t.src_addr, nullif(t.src_port, -1), t.dst_addr,
+                    nullif(t.dst_port, -1), t.packets, t.bytes, t.first_seen, t.last_seen, t.tcp_flags, t.syns,
+                    t.first_id, t.last_id)::flows AS r, t.bytes
+              FROM totals t JOIN peers ps ON ps.id = t.src_peer JOIN peers pd ON pd.id = t.dst_peer)
+        SELECT (SELECT coalesce(sum(low), 0) FROM (SELECT DISTINCT chunk, low FROM tops WHERE got = depth) x),
+               (SELECT bool_or(got = depth) FROM tops),
+               (SELECT min(bytes) FROM named HAVING count(*) = n),
+               (SELECT array_agg(r ORDER BY bytes DESC) FROM named)
+          INTO bound, cut, nth, result;
+        EXIT WHEN NOT coalesce(cut, false) OR nth >= bound;
+        depth := depth * 4;
+    END LOOP;
+    RETURN QUERY SELECT * FROM unnest(result);
+END
+$$;
 
 -- Audits that find packets through the flow index: the matching flow rows first (a few
 -- per stream and second, by host, port or 5-tuple, newest first), then their packets by
@@ -735,7 +957,7 @@ GRANT EXECUTE ON FUNCTION decode(bytea), _ts(bigint), _beyond(bigint, bigint, bi
     _live_counters(), _live_rejects(),
     log_generation(), log_wait(bigint, int), metrics(),
     packets_between(inet, inet, timestamptz, timestamptz), host_packets(inet, int),
-    port_packets(int, int), flow_packets(inet, int, inet, int, int, int)
+    port_packets(int, int), flow_packets(inet, int, inet, int, int, int), top_flows(int)
     TO pgvpn_auditor;
 
 -- 8. The chunks' privileges are their own, not the extension's. PostgreSQL 15 records
@@ -747,4 +969,4 @@ GRANT EXECUTE ON FUNCTION decode(bytea), _ts(bigint), _beyond(bigint, bigint, bi
 DELETE FROM pg_catalog.pg_init_privs i
  USING pgvpn.chunks c
  WHERE i.classoid = 'pg_catalog.pg_class'::pg_catalog.regclass
-   AND i.objoid IN (c.relid, c.flow_relid);
+   AND i.objoid IN (c.relid, c.flow_relid, c.sums_relid);

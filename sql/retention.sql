@@ -4,6 +4,7 @@
 -- which moves the sequence on to the next chunk once the current one is older than
 -- pgvpn.chunk_interval, and drops every chunk closed longer ago than pgvpn.retention:
 -- DROP TABLE, never a row-wise DELETE.
+-- Each run first rolls the flow index up into the flow summaries (_summarize).
 --
 -- setval() is not transactional, so the sequence only ever moves into a chunk that an
 -- earlier, committed prune created: spare chunks are always kept ready ahead. Even if a
@@ -35,6 +36,7 @@ LANGUAGE plpgsql SET search_path = pg_catalog, pgvpn, pg_temp AS $$
 DECLARE
     rel text := pgvpn._chunk_name(k);
     frel text := replace(pgvpn._chunk_name(k), 'packets_', 'flows_');
+    srel text := replace(pgvpn._chunk_name(k), 'packets_', 'sums_');
     lo bigint := k::bigint << 40;
 BEGIN
     -- toast_tuple_target = max: a packet up to ~8 KB stays inline (no TOAST side table),
@@ -54,17 +56,31 @@ BEGIN
     EXECUTE format('CREATE INDEX %I ON pgvpn.%I (src_addr, last_id)', frel || '_src', frel);
     EXECUTE format('CREATE INDEX %I ON pgvpn.%I (dst_addr, last_id)', frel || '_dst', frel);
     EXECUTE format('CREATE INDEX %I ON pgvpn.%I (dst_port, last_id)', frel || '_port', frel);
+    -- One conversation (host pair, ports), newest first: packets_between, flow_packets.
+    EXECUTE format('CREATE INDEX %I ON pgvpn.%I (src_addr, dst_addr, dst_port, src_port, last_id)',
+                   frel || '_pair', frel);
     EXECUTE format('CREATE INDEX %I ON pgvpn.%I USING brin (at, first_id)', frel || '_time', frel);
     EXECUTE format('GRANT SELECT ON pgvpn.%I TO pgvpn_auditor', frel);
     EXECUTE format('ALTER TABLE pgvpn.flow_log ATTACH PARTITION pgvpn.%I FOR VALUES FROM (%s) TO (%s)',
                    frel, lo, lo + (1::bigint << 40));
+    -- Its flow summaries: one row per flow (what the upserts of _summarize match), and
+    -- the biggest first (top_flows).
+    EXECUTE format('CREATE TABLE pgvpn.%I (LIKE pgvpn.flow_sums INCLUDING DEFAULTS)', srel);
+    EXECUTE format('CREATE UNIQUE INDEX %I ON pgvpn.%I'
+                   ' (src_addr, dst_addr, src_port, dst_port, protocol, src_peer, dst_peer, ip_version)',
+                   srel || '_flow', srel);
+    EXECUTE format('CREATE INDEX %I ON pgvpn.%I (bytes DESC)', srel || '_bytes', srel);
+    EXECUTE format('GRANT SELECT ON pgvpn.%I TO pgvpn_auditor', srel);
+    EXECUTE format('ALTER TABLE pgvpn.flow_sums ATTACH PARTITION pgvpn.%I FOR VALUES FROM (%s) TO (%s)',
+                   srel, k, k + 1);
     -- Auditors read everything, also a chunk directly (through pgvpn.packets the
     -- parent's grant suffices).
     EXECUTE format('GRANT SELECT ON pgvpn.%I TO pgvpn_auditor', rel);
     EXECUTE format('ALTER TABLE pgvpn.packets ATTACH PARTITION pgvpn.%I FOR VALUES FROM (%s) TO (%s)',
                    rel, lo, lo + (1::bigint << 40));
-    INSERT INTO pgvpn.chunks (chunk, relid, flow_relid)
-    VALUES (k, format('pgvpn.%I', rel)::regclass, format('pgvpn.%I', frel)::regclass);
+    INSERT INTO pgvpn.chunks (chunk, relid, flow_relid, sums_relid)
+    VALUES (k, format('pgvpn.%I', rel)::regclass, format('pgvpn.%I', frel)::regclass,
+            format('pgvpn.%I', srel)::regclass);
     RETURN format('pgvpn.%I', rel)::regclass;
 END
 $$;
@@ -116,6 +132,73 @@ BEGIN
 END
 $$;
 
+-- Rolls the flow rows logged since the last run up into flow_sums (one row per chunk and
+-- flow), up to the highest id handed out so far: h. Exact, because it waits until every
+-- row with an id up to h is committed or rolled back. Ids are taken only under a
+-- receiver's ordering lock, held to the end of the commit, which is visible before the
+-- lock goes (send.rs). So a transaction that took ids up to h and has not finished holds
+-- an ordering lock when we look, after reading h; once every such holder has ended, a new
+-- statement (a new snapshot: READ COMMITTED only) sees all of its rows. A holder is in
+-- its commit, so this takes milliseconds; it waits at most wait_ms and otherwise leaves
+-- the rollup to the next run. Returns the summary rows written. Called by _prune, under
+-- its lock on chunks (one at a time).
+CREATE FUNCTION _summarize(wait_ms int) RETURNS bigint
+LANGUAGE plpgsql SET search_path = pg_catalog, pgvpn, pg_temp AS $$
+DECLARE
+    w bigint := coalesce((SELECT summarized_to FROM flow_rollup), 0);
+    h bigint;
+    holders text[];
+    deadline timestamptz := clock_timestamp() + wait_ms * interval '1 ms';
+    c chunks;
+    written bigint;
+    total bigint := 0;
+BEGIN
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE NOTICE 'pgvpn.prune: the flow summaries are rolled up only under READ COMMITTED (this is %); skipped',
+            current_setting('transaction_isolation');
+        RETURN 0;
+    END IF;
+    SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END INTO h FROM packet_id;
+    IF h <= w THEN
+        RETURN 0;
+    END IF;
+    SELECT array_agg(DISTINCT l.virtualtransaction) INTO holders
+      FROM pg_locks l
+     WHERE l.locktype = 'object' AND l.classid = 'pgvpn.peers'::regclass AND l.objid <> 0
+       AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+       AND l.granted AND l.pid IS DISTINCT FROM pg_backend_pid();
+    WHILE EXISTS (SELECT FROM pg_locks l WHERE l.locktype = 'virtualxid' AND l.virtualxid = ANY (holders)) LOOP
+        IF clock_timestamp() > deadline THEN
+            RAISE LOG 'pgvpn.prune: a sender is still committing after %ms; the flow summaries wait for a later run',
+                wait_ms;
+            RETURN 0;
+        END IF;
+        PERFORM pg_sleep(0.001);
+    END LOOP;
+    FOR c IN SELECT * FROM chunks WHERE chunk BETWEEN _chunk_of(w + 1) AND _chunk_of(h) ORDER BY chunk LOOP
+        EXECUTE format(
+            'INSERT INTO %s AS s SELECT %s, src_peer, dst_peer, ip_version, protocol, src_addr, dst_addr,'
+            '       coalesce(src_port, -1), coalesce(dst_port, -1), sum(packets), sum(bytes), min(at), max(at),'
+            '       bit_or(tcp_flags), sum(syns), min(first_id), max(last_id)'
+            '  FROM %s WHERE first_id > $1 AND first_id <= $2'
+            ' GROUP BY src_peer, dst_peer, ip_version, protocol, src_addr, dst_addr, src_port, dst_port'
+            ' ON CONFLICT (src_addr, dst_addr, src_port, dst_port, protocol, src_peer, dst_peer, ip_version) DO UPDATE'
+            '   SET packets = s.packets + excluded.packets, bytes = s.bytes + excluded.bytes,'
+            '       first_seen = least(s.first_seen, excluded.first_seen),'
+            '       last_seen = greatest(s.last_seen, excluded.last_seen),'
+            '       tcp_flags = coalesce(s.tcp_flags | excluded.tcp_flags, s.tcp_flags, excluded.tcp_flags),'
+            '       syns = s.syns + excluded.syns, first_id = least(s.first_id, excluded.first_id),'
+            '       last_id = greatest(s.last_id, excluded.last_id)',
+            c.sums_relid, c.chunk, c.flow_relid) USING w, h;
+        GET DIAGNOSTICS written = ROW_COUNT;
+        total := total + written;
+    END LOOP;
+    INSERT INTO flow_rollup AS r (summarized_to, at) VALUES (h, clock_timestamp())
+        ON CONFLICT (one) DO UPDATE SET summarized_to = excluded.summarized_to, at = excluded.at;
+    RETURN total;
+END
+$$;
+
 CREATE FUNCTION _prune(retention interval, chunk_interval interval, lock_wait_ms int) RETURNS int
 LANGUAGE plpgsql SET search_path = pg_catalog, pgvpn, pg_temp AS $$
 DECLARE
@@ -129,6 +212,7 @@ DECLARE
 BEGIN
     LOCK TABLE chunks IN SHARE ROW EXCLUSIVE MODE;  -- one prune at a time
     PERFORM _ensure_chunks();
+    PERFORM _summarize(lock_wait_ms);
     PERFORM set_config('lock_timeout', lock_wait_ms || 'ms', true);
     cur := _chunk_of((SELECT last_value FROM packet_id));
     -- Ready means committed: created by an earlier transaction, not by this one.
@@ -152,7 +236,7 @@ BEGIN
                 '          FROM %s k JOIN pgvpn.cursors c2 ON c2.peer = k.dst_peer AND k.id > c2.acked_id'
                 '         GROUP BY k.dst_peer) x'
                 ' WHERE c.peer = x.dst_peer', old.relid);
-            EXECUTE format('DROP TABLE %s, %s', old.relid, old.flow_relid);
+            EXECUTE format('DROP TABLE %s, %s, %s', old.relid, old.flow_relid, old.sums_relid);
             DELETE FROM chunks WHERE chunk = old.chunk;
             dropped := dropped + 1;
         EXCEPTION WHEN lock_not_available THEN

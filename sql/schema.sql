@@ -129,15 +129,53 @@ CREATE TABLE flow_log (
 ) PARTITION BY RANGE (first_id);
 COMMENT ON TABLE flow_log IS 'pgvpn: per transaction and flow: packets, bytes, flags, id range (the audit index)';
 
+-- Flow summaries: the flow index rolled up per chunk and flow by prune() (_summarize in
+-- retention.sql), so that per-flow totals (pgvpn.flows, pgvpn.top_flows) read one row per
+-- flow and chunk instead of one per transaction, and the top flows come from an index
+-- on bytes. Flow rows with first_id up to flow_rollup.summarized_to are in here; newer
+-- ones are added live by the views, so the totals are exact at any moment. Ports are
+-- -1 where the packets have none (a key column must be NOT NULL to be matched by
+-- plain equality). Chunked like the log, and dropped with it.
+CREATE TABLE flow_sums (
+    chunk      int NOT NULL,
+    src_peer   int NOT NULL,
+    dst_peer   int NOT NULL,
+    ip_version smallint NOT NULL,
+    protocol   smallint NOT NULL,
+    src_addr   inet NOT NULL,
+    dst_addr   inet NOT NULL,
+    src_port   int NOT NULL,          -- -1: none
+    dst_port   int NOT NULL,          -- -1: none
+    packets    bigint NOT NULL,
+    bytes      bigint NOT NULL,
+    first_seen timestamptz NOT NULL,
+    last_seen  timestamptz NOT NULL,
+    tcp_flags  smallint,
+    syns       bigint NOT NULL,
+    first_id   bigint NOT NULL,
+    last_id    bigint NOT NULL
+) PARTITION BY RANGE (chunk);
+COMMENT ON TABLE flow_sums IS 'pgvpn: the flow index per chunk and flow, rolled up by prune() (ports -1 = none)';
+
+-- How far the flow index is rolled up into flow_sums. At most one row; none means
+-- nothing yet (no row is inserted here, so a restore brings back exactly the dumped one).
+CREATE TABLE flow_rollup (
+    one           boolean PRIMARY KEY DEFAULT true CHECK (one),
+    summarized_to bigint NOT NULL,    -- flow rows with first_id <= this are in flow_sums
+    at            timestamptz NOT NULL
+);
+COMMENT ON TABLE flow_rollup IS 'pgvpn: flow rows up to summarized_to are rolled up into flow_sums';
+
 CREATE TABLE chunks (
     chunk      int PRIMARY KEY,
     relid      regclass NOT NULL,     -- its part of pgvpn.packets
     flow_relid regclass NOT NULL,     -- its part of pgvpn.flow_log
+    sums_relid regclass NOT NULL,     -- its part of pgvpn.flow_sums
     opened_at  timestamptz,           -- when ids started going here; NULL for the spare
     closed_at  timestamptz,           -- set when the next chunk takes over
     indexed_at timestamptz            -- when prune() built its host-pair index
 );
-COMMENT ON TABLE chunks IS 'pgvpn: the partitions of pgvpn.packets and pgvpn.flow_log, for pgvpn.prune()';
+COMMENT ON TABLE chunks IS 'pgvpn: the partitions of pgvpn.packets, pgvpn.flow_log and pgvpn.flow_sums, for pgvpn.prune()';
 
 -- Rejected packets: counted per peer and reason, and a capped sample kept for auditors.
 CREATE TABLE reject_counts (
@@ -168,6 +206,7 @@ SELECT pg_catalog.pg_extension_config_dump('peers', '');
 SELECT pg_catalog.pg_extension_config_dump('cursors', '');
 SELECT pg_catalog.pg_extension_config_dump('traffic', '');
 SELECT pg_catalog.pg_extension_config_dump('chunks', '');
+SELECT pg_catalog.pg_extension_config_dump('flow_rollup', '');
 SELECT pg_catalog.pg_extension_config_dump('reject_counts', '');
 SELECT pg_catalog.pg_extension_config_dump('reject_samples', '');
 SELECT pg_catalog.pg_extension_config_dump('packet_id', '');

@@ -19,21 +19,105 @@ SELECT p.id, p.sent_at, s.name AS src_peer, d.name AS dst_peer,
 COMMENT ON VIEW packet_log IS 'pgvpn: every logged packet, decoded, without payload';
 
 -- One row per 5-tuple and direction (ports are NULL for ICMP and fragments), from the
--- flow index: it reads the flow rows, never the packets.
+-- flow index: it never reads the packets. The rolled-up part (flow_sums, up to
+-- flow_rollup.summarized_to) plus the flow rows logged since, so it is exact whenever it
+-- is read; prune() keeps the second part small.
 CREATE VIEW flows AS
 SELECT s.name AS src_peer, d.name AS dst_peer, f.ip_version, f.protocol,
-       f.src_addr, f.src_port, f.dst_addr, f.dst_port,
+       f.src_addr, nullif(f.src_port, -1) AS src_port, f.dst_addr, nullif(f.dst_port, -1) AS dst_port,
        f.packets, f.bytes, f.first_seen, f.last_seen, f.tcp_flags, f.syns, f.first_id, f.last_id
   FROM (SELECT src_peer, dst_peer, ip_version, protocol, src_addr, src_port, dst_addr, dst_port,
                sum(packets)::bigint AS packets, sum(bytes)::numeric AS bytes,
-               min(at) AS first_seen, max(at) AS last_seen,
+               min(first_seen) AS first_seen, max(last_seen) AS last_seen,
                bit_or(tcp_flags) AS tcp_flags, sum(syns)::bigint AS syns,
                min(first_id) AS first_id, max(last_id) AS last_id
-          FROM flow_log
+          FROM (SELECT src_peer, dst_peer, ip_version, protocol, src_addr, src_port, dst_addr, dst_port,
+                       packets, bytes, first_seen, last_seen, tcp_flags, syns, first_id, last_id
+                  FROM flow_sums
+                UNION ALL
+                SELECT src_peer, dst_peer, ip_version, protocol, src_addr, coalesce(src_port, -1),
+                       dst_addr, coalesce(dst_port, -1), packets, bytes, at, at, tcp_flags, syns, first_id, last_id
+                  FROM flow_log
+                 WHERE first_id > coalesce((SELECT summarized_to FROM flow_rollup), 0)) u
          GROUP BY src_peer, dst_peer, ip_version, protocol, src_addr, src_port, dst_addr, dst_port) f
   JOIN peers s ON s.id = f.src_peer
   JOIN peers d ON d.id = f.dst_peer;
 COMMENT ON VIEW flows IS 'pgvpn: packets and bytes per 5-tuple, first and last seen (from the flow index)';
+
+-- The n flows of pgvpn.flows with the most bytes, without totalling every flow: the
+-- candidates are each chunk's biggest summaries (an index on bytes) and every flow
+-- logged since the last rollup; their totals are exact. A flow that is not a candidate
+-- has, in each chunk where it appears, at most that chunk's smallest candidate (the chunk
+-- was cut off at `depth` rows), and nothing unsummarized; so its total is at most the
+-- sum of those cut-off values. Once the n-th candidate reaches that bound, no other flow
+-- can beat it; until then the depth grows. Ties come in any order.
+CREATE FUNCTION top_flows(n int DEFAULT 10)
+RETURNS SETOF flows
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pgvpn, pg_temp
+    SET enable_hashjoin = off SET enable_mergejoin = off SET jit = off AS $$
+DECLARE
+    w bigint := coalesce((SELECT summarized_to FROM flow_rollup), 0);
+    depth bigint := 4 * n;
+    bound numeric;
+    cut boolean;
+    nth numeric;
+    result flows[];
+BEGIN
+    IF n IS NULL OR n < 1 OR n > 100000 THEN
+        RAISE EXCEPTION 'pgvpn: top_flows(n) needs n between 1 and 100000 (got %)', n
+            USING ERRCODE = '22023';
+    END IF;
+    LOOP
+        WITH tops AS (
+            SELECT c.chunk, t.src_peer, t.dst_peer, t.ip_version, t.protocol, t.src_addr, t.src_port,
+                   t.dst_addr, t.dst_port, t.bytes,
+                   count(*) OVER (PARTITION BY c.chunk) AS got, min(t.bytes) OVER (PARTITION BY c.chunk) AS low
+              FROM chunks c
+             CROSS JOIN LATERAL (SELECT * FROM flow_sums s WHERE s.chunk = c.chunk
+                                  ORDER BY s.bytes DESC LIMIT depth) t),
+        tail AS (
+            SELECT f.src_peer, f.dst_peer, f.ip_version, f.protocol, f.src_addr, coalesce(f.src_port, -1) AS src_port,
+                   f.dst_addr, coalesce(f.dst_port, -1) AS dst_port, f.packets, f.bytes, f.at,
+                   f.tcp_flags, f.syns, f.first_id, f.last_id
+              FROM flow_log f WHERE f.first_id > w),
+        cand AS (
+            SELECT src_peer, dst_peer, ip_version, protocol, src_addr, src_port, dst_addr, dst_port FROM tops
+            UNION
+            SELECT src_peer, dst_peer, ip_version, protocol, src_addr, src_port, dst_addr, dst_port FROM tail),
+        totals AS (
+            SELECT u.src_peer, u.dst_peer, u.ip_version, u.protocol, u.src_addr, u.src_port, u.dst_addr, u.dst_port,
+                   sum(u.packets)::bigint AS packets, sum(u.bytes)::numeric AS bytes,
+                   min(u.first_seen) AS first_seen, max(u.last_seen) AS last_seen,
+                   bit_or(u.tcp_flags) AS tcp_flags, sum(u.syns)::bigint AS syns,
+                   min(u.first_id) AS first_id, max(u.last_id) AS last_id
+              FROM (SELECT s.src_peer, s.dst_peer, s.ip_version, s.protocol, s.src_addr, s.src_port, s.dst_addr,
+                           s.dst_port, s.packets, s.bytes, s.first_seen, s.last_seen, s.tcp_flags, s.syns,
+                           s.first_id, s.last_id
+                      FROM cand k JOIN flow_sums s
+                        ON s.src_addr = k.src_addr AND s.dst_addr = k.dst_addr AND s.src_port = k.src_port
+                       AND s.dst_port = k.dst_port AND s.protocol = k.protocol AND s.src_peer = k.src_peer
+                       AND s.dst_peer = k.dst_peer AND s.ip_version = k.ip_version
+                    UNION ALL
+                    SELECT src_peer, dst_peer, ip_version, protocol, src_addr, src_port, dst_addr, dst_port,
+                           packets, bytes, at, at, tcp_flags, syns, first_id, last_id FROM tail) u
+             GROUP BY u.src_peer, u.dst_peer, u.ip_version, u.protocol, u.src_addr, u.src_port, u.dst_addr, u.dst_port
+             ORDER BY bytes DESC LIMIT n),
+        named AS (
+            SELECT (ps.name, pd.name, t.ip_version, t.protocol, t.src_addr, nullif(t.src_port, -1), t.dst_addr,
+                    nullif(t.dst_port, -1), t.packets, t.bytes, t.first_seen, t.last_seen, t.tcp_flags, t.syns,
+                    t.first_id, t.last_id)::flows AS r, t.bytes
+              FROM totals t JOIN peers ps ON ps.id = t.src_peer JOIN peers pd ON pd.id = t.dst_peer)
+        SELECT (SELECT coalesce(sum(low), 0) FROM (SELECT DISTINCT chunk, low FROM tops WHERE got = depth) x),
+               (SELECT bool_or(got = depth) FROM tops),
+               (SELECT min(bytes) FROM named HAVING count(*) = n),
+               (SELECT array_agg(r ORDER BY bytes DESC) FROM named)
+          INTO bound, cut, nth, result;
+        EXIT WHEN NOT coalesce(cut, false) OR nth >= bound;
+        depth := depth * 4;
+    END LOOP;
+    RETURN QUERY SELECT * FROM unnest(result);
+END
+$$;
 
 -- Audits that find packets through the flow index: the matching flow rows first (a few
 -- per stream and second, by host, port or 5-tuple, newest first), then their packets by

@@ -195,7 +195,8 @@ pub fn chunks(c: &mut Client) -> Vec<Chunk> {
 /// Problems with the chunk catalog, one line each (empty if it holds): every partition
 /// of a partitioned table in schema pgvpn (the log, and any other table partitioned
 /// with it) is named by a `regclass` column of `pgvpn.chunks` and vice versa, each
-/// chunk's partition covers exactly its id range, no partition belongs to the extension
+/// chunk's partition covers exactly its id range (the flow summaries': its chunk
+/// number), no partition belongs to the extension
 /// (pg_dump would skip it), and each chunk of the log has its delivery index (and its
 /// host-pair index once the catalog says it was built).
 pub fn chunk_catalog_problems(c: &mut Client) -> Vec<String> {
@@ -230,7 +231,8 @@ pub fn chunk_catalog_problems(c: &mut Client) -> Vec<String> {
                  SELECT coalesce(l.chunk, -1), coalesce(l.rel, p.rel)::regclass::text, \
                         p.rel IS NOT NULL, l.rel IS NOT NULL, p.bound, \
                         EXISTS (SELECT FROM pg_depend d WHERE d.classid = 'pg_class'::regclass \
-                                   AND d.objid = coalesce(l.rel, p.rel) AND d.deptype = 'e') \
+                                   AND d.objid = coalesce(l.rel, p.rel) AND d.deptype = 'e'), \
+                        p.parent = 'pgvpn.flow_sums'::regclass \
                    FROM listed l FULL JOIN parts p ON p.rel = l.rel ORDER BY 1, 2"
             ),
             &[],
@@ -241,6 +243,7 @@ pub fn chunk_catalog_problems(c: &mut Client) -> Vec<String> {
             (r.get(0), r.get(1), r.get(2), r.get(3));
         let bound: Option<String> = r.get(4);
         let member: bool = r.get(5);
+        let by_chunk: Option<bool> = r.get(6);
         if !attached {
             out.push(format!(
                 "chunk {chunk}: {rel} is in pgvpn.chunks but not attached"
@@ -257,8 +260,13 @@ pub fn chunk_catalog_problems(c: &mut Client) -> Vec<String> {
             ));
         }
         if let (true, Some(b)) = (listed, bound) {
-            let lo = i64::from(chunk) << 40;
-            let want = format!("FOR VALUES FROM ('{lo}') TO ('{}')", lo + (1i64 << 40));
+            // The log and the flow index by id; the flow summaries by chunk number.
+            let want = if by_chunk == Some(true) {
+                format!("FOR VALUES FROM ({chunk}) TO ({})", chunk + 1)
+            } else {
+                let lo = i64::from(chunk) << 40;
+                format!("FOR VALUES FROM ('{lo}') TO ('{}')", lo + (1i64 << 40))
+            };
             if b != want {
                 out.push(format!(
                     "chunk {chunk}: {rel} has bound {b}, expected {want}"

@@ -50,13 +50,18 @@ fn chunk_number(header: &str) -> Option<i32> {
     })
 }
 
-/// Writes chunk `k`'s number and id range as `K`, `lo(K)`, `hi(K)`.
+/// Writes chunk `k`'s number and id range as `K`, `lo(K)`, `hi(K)` (the flow summaries
+/// are partitioned by the chunk number itself: `FROM (K) TO (K+1)`).
 fn normalise_chunk(s: &str, k: i32) -> String {
     let lo = i64::from(k) << 40;
     let hi = lo + (1i64 << 40);
     s.replace(&format!("_{k:06}"), "_KKKKKK")
         .replace(&format!("'{lo}'"), "'lo(K)'")
         .replace(&format!("'{hi}'"), "'hi(K)'")
+        .replace(
+            &format!("FOR VALUES FROM ({k}) TO ({})", k + 1),
+            "FOR VALUES FROM (K) TO (K+1)",
+        )
 }
 
 fn keep_line(l: &str) -> bool {
@@ -341,6 +346,13 @@ mod tests {
         assert_eq!(
             normalise_chunk(&s, k),
             "ALTER TABLE ONLY pgvpn.packets ATTACH PARTITION pgvpn.packets_KKKKKK FOR VALUES FROM ('lo(K)') TO ('hi(K)');"
+        );
+        assert_eq!(
+            normalise_chunk(
+                "ALTER TABLE ONLY pgvpn.flow_sums ATTACH PARTITION pgvpn.sums_000005 FOR VALUES FROM (5) TO (6);",
+                k
+            ),
+            "ALTER TABLE ONLY pgvpn.flow_sums ATTACH PARTITION pgvpn.sums_KKKKKK FOR VALUES FROM (K) TO (K+1);"
         );
         let dump = "--\n-- Name: packets_000005; Type: TABLE; Schema: pgvpn; Owner: postgres\n--\n\n\
                     -- For binary upgrade, must preserve pg_class oids and relfilenodes\n\

@@ -14,26 +14,63 @@ use pgvpn_tests::{db_error, Rng};
 use postgres::Client;
 use std::time::Duration;
 
+/// The first column of every row, as text.
+fn texts(au: &mut Client, args: &[&(dyn postgres::types::ToSql + Sync)], sql: &str) -> Vec<String> {
+    au.query(sql, args)
+        .unwrap_or_else(|e| panic!("{sql}: {}", db_error(&e)))
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
 /// Per 5-tuple and peers: (packets, bytes), from the flow index and from the packets.
 fn flow_sums(au: &mut Client) -> (Vec<String>, Vec<String>) {
-    let q = |au: &mut Client, sql: &str| -> Vec<String> {
-        au.query(sql, &[])
-            .unwrap_or_else(|e| panic!("{sql}: {}", db_error(&e)))
-            .iter()
-            .map(|r| r.get(0))
-            .collect()
-    };
-    let from_flows = q(
+    let from_flows = texts(
         au,
+        &[],
         "SELECT format('%s %s %s %s %s %s %s %s: %s/%s', src_peer, dst_peer, protocol, src_addr, src_port, dst_addr, dst_port, ip_version, sum(packets), sum(bytes))
            FROM pgvpn.flow_log GROUP BY src_peer, dst_peer, protocol, src_addr, src_port, dst_addr, dst_port, ip_version ORDER BY 1",
     );
-    let from_packets = q(
+    let from_packets = texts(
         au,
+        &[],
         "SELECT format('%s %s %s %s %s %s %s %s: %s/%s', src_peer, dst_peer, protocol, src_addr, src_port, dst_addr, dst_port, ip_version, count(*), sum(length))
            FROM pgvpn.packets GROUP BY src_peer, dst_peer, protocol, src_addr, src_port, dst_addr, dst_port, ip_version ORDER BY 1",
     );
     (from_flows, from_packets)
+}
+
+/// Per 5-tuple and peer names: (packets, bytes), from the `pgvpn.flows` view (the flow
+/// summaries plus the flow rows since the last rollup) and from the packets.
+fn view_sums(au: &mut Client) -> (Vec<String>, Vec<String>) {
+    let from_view = texts(
+        au,
+        &[],
+        "SELECT format('%s %s %s %s %s %s %s %s: %s/%s %s %s', src_peer, dst_peer, protocol, src_addr, src_port, dst_addr, dst_port, ip_version, packets, bytes, first_id, last_id)
+           FROM pgvpn.flows ORDER BY 1",
+    );
+    let from_packets = texts(
+        au,
+        &[],
+        "SELECT format('%s %s %s %s %s %s %s %s: %s/%s %s %s', s.name, d.name, protocol, src_addr, src_port, dst_addr, dst_port, ip_version, count(*), sum(length), min(p.id), max(p.id))
+           FROM pgvpn.packets p JOIN pgvpn.peers s ON s.id = p.src_peer JOIN pgvpn.peers d ON d.id = p.dst_peer
+          GROUP BY s.name, d.name, protocol, src_addr, src_port, dst_addr, dst_port, ip_version ORDER BY 1",
+    );
+    (from_view, from_packets)
+}
+
+/// The bytes of the `n` biggest flows: from `pgvpn.top_flows(n)` and from the packets.
+fn top_bytes(au: &mut Client, n: i32) -> (Vec<String>, Vec<String>) {
+    (
+        texts(au, &[&n], "SELECT bytes::text FROM pgvpn.top_flows($1)"),
+        texts(
+            au,
+            &[&n],
+            "SELECT sum(length)::text FROM pgvpn.packets
+              GROUP BY src_peer, dst_peer, protocol, src_addr, src_port, dst_addr, dst_port, ip_version
+              ORDER BY sum(length) DESC LIMIT $1::int",
+        ),
+    )
 }
 
 /// Random traffic between three peers — TCP streams, UDP, pings, a few spoofed and
@@ -54,6 +91,42 @@ fn the_flow_index_matches_the_packets_after_rollbacks_rejects_and_drops() {
         .map(|&(n, ip)| (cluster.connect(n, DB), ip))
         .collect();
     let addrs = [A4, B4, C4];
+    // A second session of c sends all along, so that prune() rolls the flow rows up while
+    // other transactions are committing theirs.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let background = {
+        let stop = std::sync::Arc::clone(&stop);
+        let mut c = cluster.connect("c", DB);
+        std::thread::spawn(move || {
+            let mut rng = Rng::new(14);
+            let mut sent = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let batch: Vec<Vec<u8>> = (0..1 + rng.below(20))
+                    .map(|i| {
+                        let to = if rng.below(2) == 0 { A4 } else { B4 };
+                        packet::tcp(
+                            C4,
+                            to,
+                            2000 + rng.below(3) as u16,
+                            443,
+                            TCP_ACK,
+                            &[i as u8; 300],
+                        )
+                    })
+                    .collect();
+                let mut tx = c.transaction().unwrap();
+                tx.query_one(SEND, &[&batch])
+                    .unwrap_or_else(|e| panic!("send: {}", db_error(&e)));
+                if rng.below(5) == 0 {
+                    tx.rollback().unwrap();
+                } else {
+                    tx.commit().unwrap();
+                    sent += 1;
+                }
+            }
+            sent
+        })
+    };
     let mut rng = Rng::new(13);
     let mut dropped = 0;
     let start = std::time::Instant::now();
@@ -97,8 +170,38 @@ fn the_flow_index_matches_the_packets_after_rollbacks_rejects_and_drops() {
                 .get::<_, i32>(0);
         }
     }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let background_commits = background.join().expect("background sender");
+    assert!(
+        background_commits > 10,
+        "the background sender committed ({background_commits})"
+    );
     assert!(dropped >= 1, "the run dropped chunks ({dropped})");
+    // The last prune rolls up what is there; what follows stays unsummarized, so the
+    // view's totals come from both parts.
+    su.query_one("SELECT pgvpn.prune()", &[]).unwrap();
+    let (c, me) = &mut peers[0];
+    for i in 0..3 {
+        send(c, &[packet::udp(me, B4, 1000 + i, 53, b"tail")]);
+    }
     let mut au = cluster.connect("judy", DB);
+    assert!(
+        scalar_i64(&mut au, "SELECT count(*) FROM pgvpn.flow_sums") > 0
+            && scalar_i64(
+                &mut au,
+                "SELECT count(*) FROM pgvpn.flow_log WHERE first_id > (SELECT summarized_to FROM pgvpn.flow_rollup)"
+            ) > 0,
+        "both the summaries and the flow rows since have flows"
+    );
+    let (view, pkts_named) = view_sums(&mut au);
+    assert_eq!(
+        view, pkts_named,
+        "pgvpn.flows (summaries and the rows since) counts exactly the packets in the log"
+    );
+    for n in [1, 5, 1000] {
+        let (top, want) = top_bytes(&mut au, n);
+        assert_eq!(top, want, "top_flows({n}) has the n biggest flows' bytes");
+    }
     let (flows, pkts) = flow_sums(&mut au);
     assert!(!pkts.is_empty());
     assert_eq!(
@@ -132,6 +235,64 @@ fn the_flow_index_matches_the_packets_after_rollbacks_rejects_and_drops() {
             "SELECT count(*) FROM pg_inherits WHERE inhparent = 'pgvpn.packets'::regclass"
         )
     );
+}
+
+/// A flow spread over three chunks, smaller in each than the five biggest flows of that
+/// chunk, is the biggest flow of all: `top_flows` finds it although no chunk's first
+/// summaries hold it (its bound makes it look deeper). Bad arguments get a clear error.
+#[test]
+fn top_flows_finds_a_flow_that_is_big_only_across_chunks() {
+    let cluster = setup(&[("a", &[A4]), ("b", &[B4])]);
+    create_auditor(&cluster, "judy");
+    let mut su = cluster.superuser(DB);
+    su.batch_execute("ALTER DATABASE vpn SET pgvpn.chunk_interval = '1s'")
+        .unwrap();
+    let mut su = cluster.superuser(DB);
+    let mut a = cluster.connect("a", DB);
+    for chunk in 0..3u16 {
+        // Five flows of 3 × 100 bytes of payload, unique to this chunk; the spread flow
+        // (port 5000) gets 2 × 100 here, 6 × 100 in all.
+        let mut batch = Vec::new();
+        for f in 0..5u16 {
+            for _ in 0..3 {
+                batch.push(packet::udp(A4, B4, 6000 + chunk * 10 + f, 53, &[0; 100]));
+            }
+        }
+        batch.push(packet::udp(A4, B4, 5000, 53, &[0; 100]));
+        batch.push(packet::udp(A4, B4, 5000, 53, &[0; 100]));
+        send(&mut a, &batch);
+        std::thread::sleep(Duration::from_millis(1100));
+        su.query_one("SELECT pgvpn.prune()", &[]).unwrap();
+    }
+    let mut au = cluster.connect("judy", DB);
+    assert!(
+        scalar_i64(
+            &mut au,
+            "SELECT count(DISTINCT chunk) FROM pgvpn.flow_sums WHERE src_port = 5000"
+        ) == 3,
+        "the spread flow is summarized in three chunks"
+    );
+    let top = au
+        .query_one("SELECT src_port, packets FROM pgvpn.top_flows(1)", &[])
+        .unwrap();
+    assert_eq!(
+        (top.get::<_, Option<i32>>(0), top.get::<_, i64>(1)),
+        (Some(5000), 6),
+        "the biggest flow overall"
+    );
+    let (top, want) = top_bytes(&mut au, 3);
+    assert_eq!(top, want);
+    for bad in ["0", "-1", "NULL", "100001"] {
+        let e = au
+            .query(&format!("SELECT * FROM pgvpn.top_flows({bad})"), &[])
+            .expect_err(bad);
+        assert_eq!(
+            e.code().map(|c| c.code()),
+            Some("22023"),
+            "top_flows({bad}): {}",
+            db_error(&e)
+        );
+    }
 }
 
 /// The README's audit queries, as an auditor. Each may use an index for the log itself
@@ -176,6 +337,7 @@ fn the_readme_audit_queries_use_indexes() {
          "SELECT dst_port, sum(syns) FROM pgvpn.flow_log WHERE protocol = 6 AND syns > 0 \
           AND at > now() - interval '1 hour' GROUP BY dst_port ORDER BY 2 DESC".to_string()),
         ("pgvpn.flows, top 5 by bytes", "SELECT * FROM pgvpn.flows ORDER BY bytes DESC LIMIT 5".to_string()),
+        ("the 5 biggest flows", "SELECT * FROM pgvpn.top_flows(5)".to_string()),
     ];
     for (what, sql) in &queries {
         let rows = au

@@ -376,6 +376,31 @@ fn measure_point(
     su.batch_execute("VACUUM (ANALYZE) pgvpn.packets, pgvpn.flow_log")
         .map_err(|e| format!("vacuum: {}", db_error(&e)))?;
     let vacuum_s = t.elapsed().as_secs_f64();
+    // The flow summaries: top_flows before the rollup (it reads every flow row since the
+    // last prune, up to a minute of them), then prune() rolls them up, as its schedule
+    // would, and the queries run on the summaries.
+    let tail_rows = scalar_i64(
+        &mut su,
+        "SELECT count(*) FROM pgvpn.flow_log \
+          WHERE first_id > coalesce((SELECT summarized_to FROM pgvpn.flow_rollup), 0)",
+    );
+    let mut auditor = cluster.connect(AUDITOR, DB);
+    let t = Instant::now();
+    auditor
+        .batch_execute(auditq::TOP_FLOWS)
+        .map_err(|e| format!("top_flows: {}", db_error(&e)))?;
+    let top_before_ms = t.elapsed().as_secs_f64() * 1e3;
+    let t = Instant::now();
+    su.batch_execute("SELECT pgvpn.prune()")
+        .map_err(|e| format!("prune: {}", db_error(&e)))?;
+    let rollup_s = t.elapsed().as_secs_f64();
+    su.batch_execute("VACUUM (ANALYZE) pgvpn.flow_sums")
+        .map_err(|e| format!("vacuum: {}", db_error(&e)))?;
+    let sums = scalar_i64(&mut su, "SELECT count(*) FROM pgvpn.flow_sums");
+    eprintln!(
+        "[audit]   top_flows(5) before the rollup: {top_before_ms:.0} ms ({tail_rows} flow rows since the last prune); \
+         prune() rolled them up in {rollup_s:.1} s: {sums} flow summaries"
+    );
     let rows = scalar_i64(&mut su, "SELECT count(*) FROM pgvpn.packets");
     if rows as u64 != accepted {
         return Err(format!(
@@ -423,7 +448,6 @@ fn measure_point(
         vacuum_s
     );
 
-    let mut auditor = cluster.connect(AUDITOR, DB);
     let mut explain = Explainer::new(cluster, DB, AUDITOR)?;
     let mut timings = BTreeMap::new();
     let mut labels = Vec::new();
@@ -449,6 +473,8 @@ fn measure_point(
             "chunks": chunks, "heap_bytes": heap, "index_bytes": idx, "flow_index_bytes": flows,
             "database_bytes": dbsize, "bytes_per_packet": dbsize / rows.max(1) as f64,
             "oldest_packet_age_s": age, "vacuum_analyze_s": vacuum_s,
+            "rollup": {"flow_rows_since_last_prune": tail_rows, "top_flows_before_ms": top_before_ms,
+                       "prune_seconds": rollup_s, "flow_summaries": sums},
             "params": params.to_json(), "queries": qjson,
         }),
         timings,
@@ -495,6 +521,15 @@ fn render(
             f("bytes_per_packet"),
             f("build_pps"),
             f("vacuum_analyze_s")
+        );
+        let r = &j["rollup"];
+        let _ = writeln!(
+            o,
+            "  flow summaries: top_flows(5) took {:.0} ms with {} flow rows since the last prune; prune() then rolled them up in {:.1} s ({} summaries)",
+            r["top_flows_before_ms"].as_f64().unwrap_or(0.0),
+            r["flow_rows_since_last_prune"],
+            r["prune_seconds"].as_f64().unwrap_or(0.0),
+            r["flow_summaries"]
         );
     }
     let head: Vec<String> = points
