@@ -73,6 +73,21 @@ fn top_bytes(au: &mut Client, n: i32) -> (Vec<String>, Vec<String>) {
     )
 }
 
+/// Sends `batch` in a transaction of its own and rolls one in five back; true if it
+/// committed.
+fn send_and_maybe_roll_back(c: &mut Client, batch: &[Vec<u8>], rng: &mut Rng) -> bool {
+    let mut tx = c.transaction().unwrap();
+    tx.query_one(SEND, &[&batch])
+        .unwrap_or_else(|e| panic!("send: {}", db_error(&e)));
+    if rng.below(5) == 0 {
+        tx.rollback().unwrap();
+        false
+    } else {
+        tx.commit().unwrap();
+        true
+    }
+}
+
 /// Random traffic between three peers — TCP streams, UDP, pings, a few spoofed and
 /// malformed packets — with one transaction in five rolled back and the log rolling to
 /// new chunks and dropping old ones meanwhile. Afterwards the flow index describes
@@ -114,13 +129,7 @@ fn the_flow_index_matches_the_packets_after_rollbacks_rejects_and_drops() {
                         )
                     })
                     .collect();
-                let mut tx = c.transaction().unwrap();
-                tx.query_one(SEND, &[&batch])
-                    .unwrap_or_else(|e| panic!("send: {}", db_error(&e)));
-                if rng.below(5) == 0 {
-                    tx.rollback().unwrap();
-                } else {
-                    tx.commit().unwrap();
+                if send_and_maybe_roll_back(&mut c, &batch, &mut rng) {
                     sent += 1;
                 }
             }
@@ -155,14 +164,7 @@ fn the_flow_index_matches_the_packets_after_rollbacks_rejects_and_drops() {
                 _ => vec![0x45, 0],
             });
         }
-        let mut tx = c.transaction().unwrap();
-        tx.query_one(SEND, &[&batch])
-            .unwrap_or_else(|e| panic!("send: {}", db_error(&e)));
-        if rng.below(5) == 0 {
-            tx.rollback().unwrap();
-        } else {
-            tx.commit().unwrap();
-        }
+        send_and_maybe_roll_back(c, &batch, &mut rng);
         if round % 20 == 0 {
             dropped += su
                 .query_one("SELECT pgvpn.prune()", &[])
