@@ -81,10 +81,11 @@ ha-demo: install
 
 # Throughput, latency and cost: tunnel vs a veth pair vs the database alone, vs COPY of
 # the same rows, send with 2 vs 2,002 peers, the latency floor, and the send ceiling of
-# BENCH_BASELINE (v0.1.0; both it and HEAD built without LTO into private copies of
-# PostgreSQL, once per commit; about 2 more minutes once built) — each issue-12/14 target
-# as met or missed. BENCH_BASELINE= (or BENCH_ARGS=--no-baseline) skips the baseline;
-# BENCH_ARGS=--quick for a short look. Writes target/bench/latest.json.
+# BENCH_BASELINE (v0.1.0; both it and HEAD release builds, each with its own profile, in
+# private copies of PostgreSQL, once per commit; about 2 more minutes once built) — each
+# issue-12/14 target as met or missed. BENCH_BASELINE= (or BENCH_ARGS=--no-baseline) skips
+# the baseline; BENCH_ARGS=--quick for a short look. Writes target/bench/latest.json.
+# Only the before/after ceilings: BENCH_ARGS='--baseline-only [--after REV]'.
 BENCH_BASELINE ?= v0.1.0
 bench: install
 	$(CARGO) build --release -p pgvpn-shim -p pgvpn-tests

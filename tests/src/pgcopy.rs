@@ -17,9 +17,12 @@
 //!   PostgreSQL kept with its cargo target directory and its own `PGRX_HOME` under
 //!   `<target>/pgvpn-upgrade/`. The resulting files are copied out, cached there by
 //!   commit id (built once per target directory), and installed into a [`PrivatePg`].
-//!   A lock file serialises concurrent runs. It is a dev build without debuginfo:
-//!   only the old version's SQL and behaviour matter here, not its speed, and an
-//!   unoptimised build takes about half as long on a cold cache.
+//!   A lock file serialises concurrent runs. The upgrade test takes a dev build without
+//!   debuginfo: only the old version's SQL and behaviour matter there, not its speed,
+//!   and an unoptimised build takes about half as long on a cold cache. The bench's
+//!   before/after comparison takes [`Builder::release`] builds (each commit's own release
+//!   profile, as `make install` builds it): a dev build is unoptimised Rust, which made
+//!   a version whose work is in Rust look slower beside one whose work is in SQL.
 
 use crate::util::{describe, run_ok, tail, workspace_dir};
 use std::fs::{self, File};
@@ -253,6 +256,7 @@ fn target_dir() -> PathBuf {
 /// Builds of pgvpn_ext into a private copy of PostgreSQL; holds the cache's lock.
 pub struct Builder {
     cache: PathBuf,
+    release: bool,
     _lock: File,
 }
 
@@ -265,7 +269,17 @@ impl Builder {
         // SAFETY: flock on a file descriptor we own; released when the file is closed.
         let rc = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
         assert_eq!(rc, 0, "lock {}", cache.join("lock").display());
-        Builder { cache, _lock: lock }
+        Builder {
+            cache,
+            release: false,
+            _lock: lock,
+        }
+    }
+
+    /// Builds with `--release` (cached apart from the dev builds): for speed comparisons.
+    pub fn release(mut self) -> Builder {
+        self.release = true;
+        self
     }
 
     /// The build copy of PostgreSQL, keyed by the system's version (its path must stay
@@ -348,8 +362,9 @@ impl Builder {
         );
     }
 
-    /// `cargo pgrx install` (dev profile) of the pgvpn_ext in workspace `src` into the build
-    /// copy, then its files copied to `out` (only a tagged version is built here).
+    /// `cargo pgrx install` (dev profile, or release: see [`Builder::release`]) of the
+    /// pgvpn_ext in workspace `src` into the build copy, then its files copied to `out`
+    /// (only a tagged version is built here).
     fn install_tree(&self, src: &Path, out: &Path, name: &str) -> ExtFiles {
         let root = self.build_prefix();
         let pg_config = root.join(LIB).join("bin/pg_config");
@@ -357,6 +372,9 @@ impl Builder {
         remove_pgvpn(&root);
         let mut c = self.cargo(&home, &src.join("pgvpn_ext"));
         c.args(["pgrx", "install", "--pg-config"]).arg(&pg_config);
+        if self.release {
+            c.arg("--release");
+        }
         self.run_logged(c, &format!("build-{name}"));
         let _ = fs::remove_dir_all(out);
         fs::create_dir_all(out.join("lib")).unwrap();
@@ -383,7 +401,8 @@ impl Builder {
     /// `commit` it names), built once and then taken from the cache.
     pub fn tagged(&self, tag: &str, commit: &str) -> ExtFiles {
         let id = resolve_commit(tag, commit);
-        let out = self.cache.join(format!("ext-{id}"));
+        let profile = if self.release { "-release" } else { "" };
+        let out = self.cache.join(format!("ext-{id}{profile}"));
         if out.join("complete").exists() {
             return ExtFiles { dir: out };
         }
@@ -411,7 +430,7 @@ impl Builder {
                 .arg("-C")
                 .arg(&src),
         );
-        let files = self.install_tree(&src, &out, tag);
+        let files = self.install_tree(&src, &out, &format!("{tag}{profile}"));
         File::create(out.join("complete")).unwrap();
         files
     }

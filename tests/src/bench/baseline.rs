@@ -35,7 +35,7 @@ pub const CHILD_FLAG: &str = "--ceiling-child";
 pub const ENV_BINDIR: &str = "PGVPN_BENCH_BASELINE_BINDIR";
 /// The ceiling sizes compared before/after.
 pub const SIZES: [usize; 3] = ceiling::COMPARED_SIZES;
-/// Before/after pairs of child runs.
+/// Before/after pairs of child runs in a full bench (`--baseline-only` takes `--runs`).
 pub const ROUNDS: usize = 2;
 
 /// `bench --ceiling-child 64,1400,8000 SECONDS OUT` (in a process whose
@@ -54,9 +54,13 @@ pub fn child_main(args: &[String]) -> i32 {
         ))
     })();
     let Some((sizes, secs, out)) = parsed else {
-        eprintln!("usage: bench {CHILD_FLAG} SIZE,SIZE,... SECONDS OUT");
+        eprintln!("usage: bench {CHILD_FLAG} SIZE,SIZE,... SECONDS OUT [DROP,DROP,...]");
         return 2;
     };
+    let drop: Vec<&str> = args
+        .get(3)
+        .map(|d| d.split(',').filter(|k| !k.is_empty()).collect())
+        .unwrap_or_default();
     let cluster = Cluster::start_with(ClusterOptions {
         extra_conf: BENCH_CONF.iter().map(|s| s.to_string()).collect(),
         ..ClusterOptions::default()
@@ -65,6 +69,10 @@ pub fn child_main(args: &[String]) -> i32 {
     cluster.create_extension(DB);
     create_peer(&cluster, DB, "alice", &[&format!("{ALICE}/32")]);
     create_peer(&cluster, DB, "bob", &[&format!("{BOB}/32")]);
+    if let Err(e) = drop_indexes(&cluster, &drop) {
+        eprintln!("[bench baseline] {e}");
+        return 1;
+    }
     let version: String = cluster
         .superuser(DB)
         .query_one(
@@ -95,6 +103,42 @@ pub fn child_main(args: &[String]) -> i32 {
     }
 }
 
+/// Drops the chunks' indexes of the kinds in `kinds` (`packets_id` is every
+/// `pgvpn.packets_NNNNNN_id`), for [`index_costs`]. A kind that matches nothing is an error,
+/// so that a misspelt one cannot pass for a free index.
+fn drop_indexes(cluster: &Cluster, kinds: &[&str]) -> Result<()> {
+    let mut su = cluster.superuser(DB);
+    if !kinds.is_empty() {
+        // The chunks are made on the first send otherwise (the current and the next).
+        su.batch_execute("SELECT pgvpn._ensure_chunks()")
+            .map_err(|e| format!("make the chunks: {e}"))?;
+    }
+    for kind in kinds {
+        let (table, suffix) = kind
+            .split_once('_')
+            .ok_or_else(|| format!("index kind {kind:?} is not TABLE_SUFFIX"))?;
+        let pattern = format!("^{table}_[0-9]{{6}}_{suffix}$");
+        let names: Vec<String> = su
+            .query(
+                "SELECT indexname::text FROM pg_indexes WHERE schemaname = 'pgvpn' \
+                 AND indexname ~ $1",
+                &[&pattern],
+            )
+            .map_err(|e| format!("list the {kind} indexes: {e}"))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if names.is_empty() {
+            return Err(format!("no chunk index of kind {kind:?}"));
+        }
+        for n in names {
+            su.batch_execute(&format!("DROP INDEX pgvpn.\"{n}\""))
+                .map_err(|e| format!("drop {n}: {e}"))?;
+        }
+    }
+    Ok(())
+}
+
 fn to_json(c: &Ceiling) -> Value {
     json!({"size": c.size, "sent": c.sent, "send_secs": c.send_secs,
            "received": c.received, "recv_secs": c.recv_secs, "send_db_cpu_s": c.send_db_cpu_s})
@@ -120,6 +164,11 @@ pub struct SideRun {
 
 /// Runs the child against `bindir` and reads its figures.
 pub fn measure(bindir: &Path, secs: f64, scratch: &Scratch) -> Result<SideRun> {
+    measure_without(bindir, secs, &[], scratch)
+}
+
+/// [`measure`] with the chunks' indexes of the kinds in `drop` dropped first.
+fn measure_without(bindir: &Path, secs: f64, drop: &[&str], scratch: &Scratch) -> Result<SideRun> {
     if !bindir.join("postgres").exists() {
         return Err(format!("no PostgreSQL in {}", bindir.display()));
     }
@@ -131,6 +180,7 @@ pub fn measure(bindir: &Path, secs: f64, scratch: &Scratch) -> Result<SideRun> {
         .arg(sizes.join(","))
         .arg(secs.to_string())
         .arg(&out)
+        .arg(drop.join(","))
         .env("PGVPN_PG_BINDIR", bindir)
         .stdin(Stdio::null())
         .spawn()
@@ -204,7 +254,7 @@ fn catching<T>(what: &str, f: impl FnOnce() -> T) -> Result<T> {
 /// per commit, then cached under `<target>/pgvpn-upgrade/`).
 fn private_build(rev: &str) -> Result<PrivatePg> {
     catching(&format!("build pgvpn {rev} with pgcopy"), || {
-        let ext = Builder::open().tagged(rev, rev);
+        let ext = Builder::open().release().tagged(rev, rev);
         let pg = PrivatePg::new("bench-baseline");
         pg.install(&ext);
         pg
@@ -234,8 +284,9 @@ fn uncommitted_extension_changes() -> Vec<String> {
         .collect()
 }
 
-/// Both installations (builds them on first use).
-pub fn prepare(before: &Source) -> Result<Sides> {
+/// Both installations (builds them on first use); the after side is `after` (a commit
+/// or tag), HEAD when None.
+pub fn prepare(before: &Source, after: Option<&str>) -> Result<Sides> {
     let t = Instant::now();
     let mut copies = Vec::new();
     let before = match before {
@@ -248,13 +299,17 @@ pub fn prepare(before: &Source) -> Result<Sides> {
             (tag.clone(), dir)
         }
     };
-    eprintln!("[bench] baseline: the current pgvpn (HEAD) built the same way");
-    let head = pgvpn_tests::pgcopy::resolve_commit("HEAD", "HEAD");
-    let pg = private_build(&head)?;
-    let after = (format!("HEAD {}", &head[..head.len().min(10)]), pg.bindir());
+    let rev = after.unwrap_or("HEAD");
+    eprintln!("[bench] baseline: pgvpn {rev} built the same way");
+    let commit = pgvpn_tests::pgcopy::resolve_commit(rev, rev);
+    let pg = private_build(&commit)?;
+    let after = (
+        format!("{rev} {}", &commit[..commit.len().min(10)]),
+        pg.bindir(),
+    );
     copies.push(pg);
     let changed = uncommitted_extension_changes();
-    let note = (!changed.is_empty()).then(|| {
+    let note = (rev == "HEAD" && !changed.is_empty()).then(|| {
         format!(
             "the after side is HEAD: the tree's uncommitted changes to {} are not in it",
             changed.join(", ")
@@ -272,19 +327,20 @@ pub fn prepare(before: &Source) -> Result<Sides> {
 }
 
 /// Before/after figures as flat metrics (`baseline.before.64B.send_pps`, …, medians of
-/// the [`ROUNDS`] child runs per side, and `baseline.64B.send_ratio_pct`), with the
-/// versions the children saw.
+/// `rounds` child runs per side, alternating, and `baseline.64B.send_ratio_pct`), with
+/// the versions the children saw.
 pub fn compare(
     sides: &Sides,
     secs: f64,
+    rounds: usize,
     scratch: &Scratch,
 ) -> Result<(BTreeMap<String, f64>, Value)> {
     let mut runs: BTreeMap<&str, Vec<SideRun>> = BTreeMap::new();
     let t = Instant::now();
-    for round in 1..=ROUNDS {
+    for round in 1..=rounds {
         for (side, (label, dir)) in [("before", &sides.before), ("after", &sides.after)] {
             eprintln!(
-                "[bench] baseline round {round}/{ROUNDS}: {side} ({label}), {secs} s per size"
+                "[bench] baseline round {round}/{rounds}: {side} ({label}), {secs} s per size"
             );
             let run = measure(dir, secs, scratch)?;
             for c in run.ceilings.values() {
@@ -300,7 +356,7 @@ pub fn compare(
         }
     }
     let took = t.elapsed().as_secs_f64();
-    eprintln!("[bench] baseline: {took:.0} s for {ROUNDS} × 2 child runs");
+    eprintln!("[bench] baseline: {took:.0} s for {rounds} × 2 child runs");
     let mut m = BTreeMap::new();
     let median_of = |side: &str, size: usize, f: &dyn Fn(&Ceiling) -> Option<f64>| {
         let v: Vec<f64> = runs[side]
@@ -351,8 +407,54 @@ pub fn compare(
     let info = json!({
         "before": {"source": sides.before.0, "extversion": version("before")},
         "after": {"source": sides.after.0, "extversion": version("after")},
-        "note": sides.note, "seconds_per_size": secs, "rounds": ROUNDS, "runs": raw,
+        "note": sides.note, "seconds_per_size": secs, "rounds": rounds, "runs": raw,
         "measuring_s": took, "build_s": sides.build_s,
     });
     Ok((m, info))
+}
+
+/// What [`index_costs`] measures: the current version with every index, then without
+/// the indexes that issue #13 added to the log's chunks, one kind or group at a time.
+pub const INDEX_VARIANTS: [(&str, &[&str]); 4] = [
+    ("every index", &[]),
+    ("without the id btree", &["packets_id"]),
+    ("without the conversation index", &["flows_pair"]),
+    (
+        "without any flow-row index",
+        &[
+            "flows_src",
+            "flows_dst",
+            "flows_port",
+            "flows_pair",
+            "flows_time",
+        ],
+    ),
+];
+
+/// `bench --index-costs`: HEAD's send ceiling in a private PostgreSQL, with each of
+/// [`INDEX_VARIANTS`] in turn, `rounds` times round, as flat metrics
+/// (`indexcost.<variant>.<size>B.send_pps`, medians; variant = its position).
+pub fn index_costs(secs: f64, rounds: usize, scratch: &Scratch) -> Result<BTreeMap<String, f64>> {
+    let head = pgvpn_tests::pgcopy::resolve_commit("HEAD", "HEAD");
+    let pg = private_build(&head)?;
+    let mut pps: BTreeMap<(usize, usize), Vec<f64>> = BTreeMap::new();
+    for round in 1..=rounds {
+        for (i, (label, drop)) in INDEX_VARIANTS.iter().enumerate() {
+            eprintln!("[bench] index costs round {round}/{rounds}: {label}");
+            let run = measure_without(&pg.bindir(), secs, drop, scratch)?;
+            for c in run.ceilings.values() {
+                eprintln!("[bench]   {} B: send {:.0} pkt/s", c.size, c.send_pps());
+                pps.entry((i, c.size)).or_default().push(c.send_pps());
+            }
+        }
+    }
+    Ok(pps
+        .into_iter()
+        .filter_map(|((i, size), v)| {
+            Some((
+                format!("indexcost.{i}.{size}B.send_pps"),
+                super::measure::median(&v)?,
+            ))
+        })
+        .collect())
 }

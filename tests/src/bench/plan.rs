@@ -42,6 +42,12 @@ pub struct Settings {
     pub ping_count: u32,
     /// The older version to compare the send ceiling with (`--baseline TAG`, …).
     pub baseline: Option<super::baseline::Source>,
+    /// Only the before/after send ceilings (`--baseline-only`), `runs` rounds of them.
+    pub baseline_only: bool,
+    /// The after side of `--baseline-only` (`--after REV`; HEAD when None).
+    pub after: Option<String>,
+    /// Only the send ceiling without each of the log's audit indexes (`--index-costs`).
+    pub index_costs: bool,
 }
 
 /// Packet size of the small database ceiling (the jumbo one uses the jumbo MTU).

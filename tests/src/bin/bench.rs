@@ -5,6 +5,7 @@
 //! ```text
 //! cargo run --release -p pgvpn-tests --bin bench -- [--runs N] [--seconds S] [--quick]
 //!     [--jumbo-mtu M] [--baseline TAG | --baseline-bindir DIR | --no-baseline]
+//!     [--baseline-only [--after REV]] [--index-costs]
 //! ```
 //!
 //! Prints a table, with the targets of issues #12 and #14 as met or missed, and writes
@@ -29,7 +30,7 @@ use pgvpn_core::limits::{DEFAULT_MTU, MAX_PACKET, MIN_MTU_IPV6};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 const USAGE: &str = "usage: bench [--runs N] [--seconds S] [--quick] [--jumbo-mtu M]
-             [--baseline TAG | --baseline-bindir DIR | --no-baseline]
+             [--baseline TAG | --baseline-bindir DIR | --no-baseline] [--baseline-only]
   --runs N        runs per figure; each figure is the median (default 3)
   --seconds S     TCP test and database-ceiling duration (default 10; UDP, the peer
                   count and the baseline's ceilings run min(S, 5))
@@ -39,7 +40,12 @@ const USAGE: &str = "usage: bench [--runs N] [--seconds S] [--quick] [--jumbo-mt
                   PostgreSQL) against the current version built the same way
   --baseline-bindir DIR   the same against an installation's bin/ directory
                   (default: $PGVPN_BENCH_BASELINE_BINDIR, if set)
-  --no-baseline   no baseline, whatever the environment says";
+  --no-baseline   no baseline, whatever the environment says
+  --baseline-only only the baseline's before/after send ceilings, N rounds of them
+                  (the --runs figure), each size for min(S, 5) s
+  --after REV     with --baseline-only: compare with REV (a commit or tag), not HEAD
+  --index-costs   only the current send ceiling with and without each index issue #13
+                  added to the log's chunks, N rounds, each size for min(S, 5) s";
 
 fn parse_args(args: &[String]) -> Result<Settings, String> {
     let mut s = Settings {
@@ -51,6 +57,9 @@ fn parse_args(args: &[String]) -> Result<Settings, String> {
         baseline: std::env::var_os(baseline::ENV_BINDIR)
             .filter(|v| !v.is_empty())
             .map(|v| Source::Bindir(v.into())),
+        baseline_only: false,
+        after: None,
+        index_costs: false,
     };
     let mut quick = false;
     let mut it = args.iter();
@@ -78,6 +87,12 @@ fn parse_args(args: &[String]) -> Result<Settings, String> {
                 });
             }
             "--no-baseline" => s.baseline = None,
+            "--baseline-only" => s.baseline_only = true,
+            "--index-costs" => s.index_costs = true,
+            "--after" => {
+                let v = it.next().filter(|v| !v.is_empty());
+                s.after = Some(v.ok_or("--after needs a commit or tag")?.clone());
+            }
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument {other:?}")),
         }
@@ -92,6 +107,12 @@ fn parse_args(args: &[String]) -> Result<Settings, String> {
         ));
     }
     s.udp_seconds = s.seconds.min(5);
+    if s.baseline_only && s.baseline.is_none() {
+        return Err("--baseline-only needs --baseline TAG or --baseline-bindir DIR".into());
+    }
+    if s.after.is_some() && !s.baseline_only {
+        return Err("--after goes with --baseline-only".into());
+    }
     Ok(s)
 }
 
@@ -104,7 +125,118 @@ fn main() {
     }
     let needs = ["ip", "ss", "ping", "iperf3", "runuser"];
     let settings = bench::start("bench", USAGE, &args, parse_args, &needs);
-    std::process::exit(run(&settings));
+    std::process::exit(if settings.index_costs {
+        run_index_costs(&settings)
+    } else if settings.baseline_only {
+        run_baseline_only(&settings)
+    } else {
+        run(&settings)
+    });
+}
+
+/// `--index-costs`: the send ceiling per index variant, and each one's share of the rate
+/// with every index.
+fn run_index_costs(settings: &Settings) -> i32 {
+    let started = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let scratch = Scratch::new();
+    let secs = settings.udp_seconds as f64;
+    let m = match baseline::index_costs(secs, settings.runs, &scratch) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("[bench] index costs: FAILED: {e}");
+            return if interrupted() { 130 } else { 1 };
+        }
+    };
+    let mut table = format!(
+        "send ceiling of HEAD by index set, pkt/s (vs every index; {} rounds, {secs} s per size)\n{:<34}",
+        settings.runs, ""
+    );
+    for size in baseline::SIZES {
+        table += &format!("{:>20}", format!("{size} B"));
+    }
+    table += "\n";
+    for (i, (label, _)) in baseline::INDEX_VARIANTS.iter().enumerate() {
+        table += &format!("{label:<34}");
+        for size in baseline::SIZES {
+            let g = |v: usize| m.get(&format!("indexcost.{v}.{size}B.send_pps")).copied();
+            let cell = match (g(i), g(0)) {
+                (Some(x), Some(all)) => format!("{} ({:.0}%)", report::num(x), 100.0 * x / all),
+                _ => "—".into(),
+            };
+            table += &format!("{cell:>20}");
+        }
+        table += "\n";
+    }
+    println!("\n{table}");
+    let json = serde_json::json!({"metrics": m, "table": table, "seconds_per_size": secs,
+                                  "rounds": settings.runs});
+    match report::save("indexcost", "indexcost-latest.json", started, &json) {
+        Ok(p) => println!("JSON: {} (and indexcost-latest.json)", p.display()),
+        Err(e) => {
+            eprintln!("bench: cannot write the JSON report: {e}");
+            return 1;
+        }
+    }
+    0
+}
+
+/// `--baseline-only`: the send ceilings before/after, their targets, and a JSON report.
+fn run_baseline_only(settings: &Settings) -> i32 {
+    let Some(src) = &settings.baseline else {
+        return 2;
+    };
+    let t0 = Instant::now();
+    let started = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let scratch = Scratch::new();
+    let secs = settings.udp_seconds as f64;
+    let (m, info) = match baseline::prepare(src, settings.after.as_deref())
+        .and_then(|sides| baseline::compare(&sides, secs, settings.runs, &scratch))
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("[bench] baseline: FAILED: {e}");
+            return if interrupted() { 130 } else { 1 };
+        }
+    };
+    let mut table = format!(
+        "send ceiling, before = {} vs after = {} ({} rounds, {secs} s per size)\n",
+        info["before"]["source"].as_str().unwrap_or("?"),
+        info["after"]["source"].as_str().unwrap_or("?"),
+        settings.runs
+    );
+    for t in report::targets(&m)
+        .into_iter()
+        .filter(|t| t.name.starts_with("send vs baseline"))
+    {
+        let verdict = match t.met {
+            Some(true) => "met",
+            Some(false) => "MISSED",
+            None => "—",
+        };
+        table += &format!("{:<36}{:<44}{:<8}{verdict}\n", t.name, t.figure, t.target);
+    }
+    if let Some(note) = info["note"].as_str() {
+        table += &format!("NOTE baseline: {note}\n");
+    }
+    println!("\n{table}");
+    let json = serde_json::json!({
+        "metrics": m, "baseline": info, "table": table,
+        "duration_s": t0.elapsed().as_secs_f64(),
+    });
+    match report::save("baseline", "baseline-latest.json", started, &json) {
+        Ok(p) => println!("JSON: {} (and baseline-latest.json)", p.display()),
+        Err(e) => {
+            eprintln!("bench: cannot write the JSON report: {e}");
+            return 1;
+        }
+    }
+    0
 }
 
 fn run(settings: &Settings) -> i32 {
@@ -148,8 +280,8 @@ fn run(settings: &Settings) -> i32 {
     let mut errors_extra: Vec<String> = Vec::new();
     if let Some(src) = &settings.baseline {
         let secs = settings.udp_seconds as f64;
-        match baseline::prepare(src).and_then(|sides| {
-            let (m, mut info) = baseline::compare(&sides, secs, &scratch)?;
+        match baseline::prepare(src, None).and_then(|sides| {
+            let (m, mut info) = baseline::compare(&sides, secs, baseline::ROUNDS, &scratch)?;
             info["bindirs"] = serde_json::json!({
                 "before": sides.before.1, "after": sides.after.1,
             });
@@ -280,5 +412,11 @@ mod tests {
         let s = parse_args(&args("--baseline v0.1.0 --no-baseline")).unwrap();
         assert_eq!(s.baseline, None);
         assert!(parse_args(&args("--baseline")).is_err());
+        assert!(parse_args(&args("--baseline-only")).is_err());
+        let s = parse_args(&args("--baseline 3f0d4ea --baseline-only --runs 4")).unwrap();
+        assert!(s.baseline_only && s.runs == 4);
+        assert!(parse_args(&args("--baseline v0.1.0 --after 3f0d4ea")).is_err());
+        let s = parse_args(&args("--baseline v0.1.0 --baseline-only --after 3f0d4ea")).unwrap();
+        assert_eq!(s.after.as_deref(), Some("3f0d4ea"));
     }
 }
