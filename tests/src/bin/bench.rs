@@ -134,6 +134,21 @@ fn main() {
     });
 }
 
+/// Writes a mode's JSON report (and `<prefix>-latest.json`); the exit code.
+fn save_report(prefix: &str, started: u64, json: &serde_json::Value) -> i32 {
+    let latest = format!("{prefix}-latest.json");
+    match report::save(prefix, &latest, started, json) {
+        Ok(p) => {
+            println!("JSON: {} (and {latest})", p.display());
+            0
+        }
+        Err(e) => {
+            eprintln!("bench: cannot write the JSON report: {e}");
+            1
+        }
+    }
+}
+
 /// `--index-costs`: the send ceiling per index variant, and each one's share of the rate
 /// with every index.
 fn run_index_costs(settings: &Settings) -> i32 {
@@ -173,14 +188,7 @@ fn run_index_costs(settings: &Settings) -> i32 {
     println!("\n{table}");
     let json = serde_json::json!({"metrics": m, "table": table, "seconds_per_size": secs,
                                   "rounds": settings.runs});
-    match report::save("indexcost", "indexcost-latest.json", started, &json) {
-        Ok(p) => println!("JSON: {} (and indexcost-latest.json)", p.display()),
-        Err(e) => {
-            eprintln!("bench: cannot write the JSON report: {e}");
-            return 1;
-        }
-    }
-    0
+    save_report("indexcost", started, &json)
 }
 
 /// `--baseline-only`: the send ceilings before/after, their targets, and a JSON report.
@@ -229,14 +237,7 @@ fn run_baseline_only(settings: &Settings) -> i32 {
         "metrics": m, "baseline": info, "table": table,
         "duration_s": t0.elapsed().as_secs_f64(),
     });
-    match report::save("baseline", "baseline-latest.json", started, &json) {
-        Ok(p) => println!("JSON: {} (and baseline-latest.json)", p.display()),
-        Err(e) => {
-            eprintln!("bench: cannot write the JSON report: {e}");
-            return 1;
-        }
-    }
-    0
+    save_report("baseline", started, &json)
 }
 
 fn run(settings: &Settings) -> i32 {
